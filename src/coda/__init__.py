@@ -1,0 +1,1 @@
+"""Coda: a durable workflow engine."""

@@ -1,0 +1,1 @@
+"""Storage of events: types, codec, backends."""

@@ -1,0 +1,66 @@
+"""The narrow interface every journal backend implements.
+
+The supervisor, the in-process driver and the CLI talk to the journal only
+through `Journal`. SQLite is the embedded default (`coda.journal.sqlite`); a
+PostgreSQL backend for several supervisors is another implementation of the
+same methods, not a change to their callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from coda.journal.events import ErrorInfo, Event
+
+__all__ = ["Journal", "RunSummary"]
+
+
+@attrs.frozen
+class RunSummary:
+    """One row of the `runs` projection: what `coda ls` shows."""
+
+    run_id: str
+    workflow: str
+    status: str
+    attempt: int
+    submitted_at: float
+    updated_at: float
+    events: int
+    result: Any = None
+    error: ErrorInfo | None = None
+
+
+class Journal(Protocol):
+    async def append(self, events: Sequence[Event]) -> None:
+        """Append events durably; return once they are committed.
+
+        Calls that arrive while a transaction is being written are committed
+        together in the next one (group commit). Either all of a call's events
+        are committed or none are.
+        """
+
+    async def history(self, run_id: str) -> list[Event]:
+        """Every event of one run, in order."""
+
+    async def resolve(self, run_id_or_prefix: str) -> str:
+        """The full run id for an id or a unique prefix; `RunNotFound` otherwise."""
+
+    async def run(self, run_id: str) -> RunSummary | None: ...
+
+    async def runs(
+        self,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+    ) -> list[RunSummary]:
+        """Runs from the projection, most recently submitted first."""
+
+    async def unfinished(self) -> dict[str, list[Event]]:
+        """The histories of every run that is not finished, for start-up."""
+
+    async def cached_result(self, run_id: str, cache_key: list[Any]) -> Any: ...
+
+    async def close(self) -> None: ...
