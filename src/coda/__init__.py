@@ -1,1 +1,48 @@
-"""Coda: a durable workflow engine."""
+"""Coda: a durable workflow engine for Python.
+
+Declare tasks with `@coda.task`, workflows with `@coda.workflow`, spawn tasks
+from workflow code with `coda.context.spawn_task`, and run them with `coda run`
+(see the README) or, in one process, with `coda.LocalRunner`.
+"""
+
+from coda import context
+from coda.definitions import Registry, TaskDef, WorkflowDef, task, workflow
+from coda.driver import LocalRunner
+from coda.errors import (
+    CodaError,
+    NondeterminismError,
+    RunCancelled,
+    RunFailedError,
+    RunNotFound,
+    RunParkedError,
+    TaskError,
+    TaskTimeout,
+    UnknownNameError,
+    ValueNotJSON,
+    ValueTooLarge,
+    WorkerLost,
+)
+
+__all__ = [
+    "CodaError",
+    "LocalRunner",
+    "NondeterminismError",
+    "Registry",
+    "RunCancelled",
+    "RunFailedError",
+    "RunNotFound",
+    "RunParkedError",
+    "TaskDef",
+    "TaskError",
+    "TaskTimeout",
+    "UnknownNameError",
+    "ValueNotJSON",
+    "ValueTooLarge",
+    "WorkerLost",
+    "WorkflowDef",
+    "context",
+    "task",
+    "workflow",
+]
+
+__version__ = "0.1.0"

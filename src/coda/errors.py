@@ -12,13 +12,15 @@ from typing import Any
 __all__ = [
     "CodaError",
     "InternalError",
+    "Interrupted",
     "JournalError",
     "JournalVersionError",
     "NondeterminismError",
     "ProtocolError",
-    "RunNotFound",
     "RunCancelled",
     "RunFailedError",
+    "RunParkedError",
+    "RunNotFound",
     "TaskError",
     "TaskTimeout",
     "UnknownNameError",
@@ -130,6 +132,10 @@ class WorkerLost(CodaError, RuntimeError):
     """The worker running a task died before the task's result reached the journal."""
 
 
+class Interrupted(CodaError, RuntimeError):
+    """A task try was cut short by the supervisor stopping; it runs again, free."""
+
+
 class RunFailedError(CodaError, RuntimeError):
     """A run the caller waited on ended failed; carries the recorded error."""
 
@@ -139,6 +145,17 @@ class RunFailedError(CodaError, RuntimeError):
         self.error_message = message
         self.traceback = traceback
         super().__init__(f"run {run_id} failed: {error_type}: {message}")
+
+
+class RunParkedError(CodaError, RuntimeError):
+    """A run the caller waited on was parked: its code diverged from its history."""
+
+    def __init__(self, run_id: str, message: str) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"run {run_id} is parked: {message} (fix the workflow code, then resume "
+            "the run)"
+        )
 
 
 class RunCancelled(CodaError, RuntimeError):

@@ -156,6 +156,12 @@ TASK_TRANSITIONS: dict[tuple[StepStatus | None, str], StepStatus] = {
 }
 
 
+# Failures that are not the task's own: a lost worker has a budget of its own,
+# an interruption by the supervisor stopping costs nothing.
+LOST_WORKER = "coda.errors.WorkerLost"
+INTERRUPTED = "coda.errors.Interrupted"
+
+
 class IllegalEvent(CodaError, ValueError):
     """An event that cannot follow the run's history; the state is unchanged."""
 
@@ -177,10 +183,11 @@ class StepState:
     task: str = ""
     args: dict[str, Any] = attrs.field(factory=dict)
     cache_key: list[Any] | None = None
-    policy: RetryPolicy = RetryPolicy()
+    policy: RetryPolicy = attrs.field(factory=RetryPolicy)
     timeout: float | None = None
     try_number: int = 0  # tries started so far
-    lost_workers: int = 0
+    failures: int = 0  # failed tries that count against max_retries
+    lost_workers: int = 0  # tries whose worker died
     retry_at: float | None = None
     result: Any = None
     error: ErrorInfo | None = None
@@ -315,7 +322,9 @@ def _apply_step(state: RunState, event: StepEvent, label: str) -> None:
     after = TASK_TRANSITIONS.get((before, label))
     if after is None:
         where = "no such step" if step is None else f"the step is {before}"
-        raise IllegalEvent(state.run_id, event, f"{where} ({event.attempt}, {event.step})")
+        raise IllegalEvent(
+            state.run_id, event, f"{where} ({event.attempt}, {event.step})"
+        )
 
     if step is None:
         # A new step belongs to the running attempt and comes next in its order.
@@ -337,8 +346,10 @@ def _apply_step(state: RunState, event: StepEvent, label: str) -> None:
     elif isinstance(event, TaskFailed):
         step.error = event.error
         step.retry_at = event.retry_at
-        if event.error.is_a(("coda.errors.WorkerLost",)):
+        if event.error.is_a((LOST_WORKER,)):
             step.lost_workers += 1
+        elif not event.error.is_a((INTERRUPTED,)):
+            step.failures += 1
     step.status = after
 
 

@@ -17,7 +17,14 @@ import orjson
 
 from coda.errors import ValueNotJSON, ValueTooLarge
 
-__all__ = ["DEFAULT_MAX_VALUE_BYTES", "JSON", "check_json", "check_size", "dumps", "loads"]
+__all__ = [
+    "DEFAULT_MAX_VALUE_BYTES",
+    "JSON",
+    "check_json",
+    "check_size",
+    "dumps",
+    "loads",
+]
 
 JSON: TypeAlias = Any
 """A JSON value: None, bool, int, float, str, list of JSON, dict of str to JSON."""
@@ -75,7 +82,9 @@ def _not_json(path: str, item: object) -> str:
     return f"{path}: {kind} is not a JSON value{hint}"
 
 
-def check_size(encoded: bytes, where: str, limit: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+def check_size(
+    encoded: bytes, where: str, limit: int = DEFAULT_MAX_VALUE_BYTES
+) -> None:
     """Raise `ValueTooLarge` when an encoded value is over `limit` bytes."""
     if len(encoded) > limit:
         raise ValueTooLarge(

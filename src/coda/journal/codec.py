@@ -41,7 +41,7 @@ def encode(event: Event) -> bytes:
 
 
 def decode_dict(obj: dict[str, Any]) -> Event:
-    """Rebuild an event from its JSON object; refuse versions and types we don't know."""
+    """Rebuild an event from its JSON object; refuse unknown versions and types."""
     version = obj.get("v")
     kind = obj.get("type")
     if not isinstance(version, int) or not isinstance(kind, str):

@@ -1,0 +1,313 @@
+"""The in-process driver: whole runs in one process, against a real journal.
+
+`LocalRunner` does what the supervisor does, minus the processes: it appends a
+run's events to the journal, activates the workflow code on the replay engine,
+runs the tasks the code asks for on its own event loop (plain `def` tasks in
+threads), and feeds results back, until the run finishes. Tests use it to run
+workflows end to end without spawning anything; the journal it leaves is the
+same as the supervisor's, so `coda history` and replay work on it.
+
+Strict replay. With `strict_replay=True` (the default) every activation is
+checked by replaying the run's whole history on a fresh instance: it must make
+no new command and must not diverge. Workflow code that branches on the clock,
+the random module or anything else outside its history is caught by an ordinary
+unit test, long before it meets a crash in production.
+
+Ordering matters as much here as in the supervisor: a task is started only
+after its `TaskScheduled` is durable, and the workflow hears of a result only
+after its event is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from coda import decide
+from coda.definitions import Registry, WorkflowDef, default_registry
+from coda.errors import (
+    NondeterminismError,
+    RunCancelled,
+    RunFailedError,
+    RunParkedError,
+    TaskTimeout,
+    UnknownNameError,
+)
+from coda.journal.base import Journal
+from coda.journal.events import ErrorInfo, Event
+from coda.replay.engine import SideEffectSource, WorkflowInstance
+from coda.state import RunState, RunStatus, StepState
+from coda.values import check_json
+
+__all__ = ["LocalRunner", "new_run_id"]
+
+logger = logging.getLogger(__name__)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+class LocalRunner:
+    """Run workflows to completion in this process, journaling every step."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        registry: Registry | None = None,
+        *,
+        strict_replay: bool = True,
+        side_effects: SideEffectSource | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.journal = journal
+        self.registry = registry or default_registry
+        self.strict_replay = strict_replay
+        self.side_effects = side_effects
+        self.clock = clock
+        self.tasks_executed = 0
+
+    @classmethod
+    async def open(cls, path: str | Path, **kwargs: Any) -> LocalRunner:
+        from coda.journal.sqlite import SQLiteJournal
+
+        return cls(await SQLiteJournal.open(str(path)), **kwargs)
+
+    async def close(self) -> None:
+        await self.journal.close()
+
+    async def __aenter__(self) -> LocalRunner:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def run(
+        self,
+        workflow: WorkflowDef[..., Any] | str,
+        args: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> Any:
+        """Submit a run and drive it to its end; return its result.
+
+        Raises `RunFailedError` if the run fails, `NondeterminismError` if it
+        diverges from its history (the run is then parked in the journal).
+        """
+        run_id = await self.submit(workflow, args, run_id=run_id)
+        return await self.drive(run_id)
+
+    async def submit(
+        self,
+        workflow: WorkflowDef[..., Any] | str,
+        args: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> str:
+        definition = self._workflow(workflow)
+        args = {} if args is None else args
+        check_json(args, f"args of workflow {definition.name}")
+        run_id = run_id or new_run_id()
+        if await self.journal.run(run_id) is not None:
+            return run_id  # the same id twice is the same run
+        _, events = decide.new_run(
+            run_id, definition.name, args, definition.policy, self.clock()
+        )
+        await self.journal.append(events)
+        return run_id
+
+    async def drive(self, run_id: str) -> Any:
+        """Drive an existing run (new, interrupted or parked-and-fixed) to its end."""
+        history = await self.journal.history(run_id)
+        state = _fold(history)
+        definition = self._workflow(state.workflow)
+        if state.status is RunStatus.PARKED:
+            history += await self._append(state, decide.resume(state, "driven again", self.clock()))
+        history += await self._append(
+            state, decide.interrupt_started(state, self.clock(), "driver restarted")
+        )
+        return await _RunLoop(self, definition, state, history).drive()
+
+    def _workflow(self, workflow: WorkflowDef[..., Any] | str) -> WorkflowDef[..., Any]:
+        if isinstance(workflow, WorkflowDef):
+            return workflow
+        return self.registry.workflow(workflow)
+
+    async def _append(self, state: RunState, events: list[Event]) -> list[Event]:
+        if events:
+            await self.journal.append(events)
+        return events
+
+
+def _fold(history: list[Event]) -> RunState:
+    from coda.state import fold
+
+    state = fold(history)
+    assert state is not None
+    return state
+
+
+class _RunLoop:
+    """One run's drive: activate, append, run due tasks, wait, repeat."""
+
+    def __init__(
+        self,
+        runner: LocalRunner,
+        definition: WorkflowDef[..., Any],
+        state: RunState,
+        history: list[Event],
+    ) -> None:
+        self.runner = runner
+        self.definition = definition
+        self.state = state
+        self.history = history
+        self.instance = WorkflowInstance(
+            definition, state.run_id, state.args, side_effects=runner.side_effects
+        )
+        self.unfed: list[Event] = list(history)
+        self.running: dict[asyncio.Task[Any], StepState] = {}
+
+    async def drive(self) -> Any:
+        runner = self.runner
+        state = self.state
+        while not state.status.finished and state.status is not RunStatus.PARKED:
+            now = runner.clock()
+            await self._append(decide.start_attempt(state, now))
+            await self._activate()
+            for step in decide.due_steps(state, runner.clock()):
+                await self._start(step)
+            if state.status.finished or state.status is RunStatus.PARKED:
+                break
+            if self.unfed:
+                continue
+            await self._wait()
+
+        for task in self.running:
+            task.cancel()
+        if state.status is RunStatus.COMPLETED:
+            return state.result
+        error = state.error or ErrorInfo("coda.errors.CodaError", "unknown")
+        if state.status is RunStatus.CANCELLED:
+            raise RunCancelled(f"run {state.run_id} was cancelled")
+        if state.status is RunStatus.PARKED:
+            raise RunParkedError(state.run_id, error.message)
+        raise RunFailedError(state.run_id, error.type, error.message, error.traceback)
+
+    async def _append(self, events: list[Event]) -> None:
+        if events:
+            await self.runner.journal.append(events)
+            self.history += events
+            self.unfed += events
+
+    async def _activate(self) -> None:
+        if not self.unfed or self.state.status is not RunStatus.RUNNING:
+            return
+        feed, self.unfed = self.unfed, []
+        now = self.runner.clock()
+        try:
+            commands = self.instance.activate(feed)
+        except NondeterminismError as exc:
+            logger.warning("run %s parked: %s", self.state.run_id, exc)
+            await self._append(decide.park(self.state, _divergence_info(exc), now))
+            self.unfed = []
+            return
+        await self._append(decide.on_commands(self.state, commands, now))
+        # The instance made these events itself; feeding them back would only
+        # confirm what it knows.
+        self.unfed = []
+        if self.runner.strict_replay:
+            self._check_full_replay()
+
+    def _check_full_replay(self) -> None:
+        # A fresh instance fed the whole history must agree with the live one:
+        # no divergence, nothing new to do. Anything else means the workflow
+        # code depends on something its history does not hold.
+        _, commands = WorkflowInstance.from_history(self.definition, self.history)
+        if commands:
+            raise NondeterminismError(
+                self.state.run_id,
+                self.state.attempt,
+                -1,
+                "nothing left to do after replaying the whole history",
+                f"new commands {commands!r}",
+            )
+
+    async def _start(self, step: StepState) -> None:
+        now = self.runner.clock()
+        started = decide.start_task(self.state, step, "local", now)
+        await self._append(started)
+        task = asyncio.ensure_future(self._execute(step, step.try_number))
+        self.running[task] = step
+
+    async def _execute(self, step: StepState, try_number: int) -> tuple[bool, Any]:
+        runner = self.runner
+        try:
+            definition = runner.registry.task(step.task)
+        except UnknownNameError as exc:
+            return False, ErrorInfo.from_exception(exc)
+        runner.tasks_executed += 1
+        try:
+            if definition.is_async:
+                call = definition.fn(**step.args)
+            else:
+                call = asyncio.to_thread(definition.fn, **step.args)
+            if step.timeout is not None:
+                result = await asyncio.wait_for(call, step.timeout)
+            else:
+                result = await call
+            check_json(result, f"result of task {step.task}")
+        except TimeoutError:
+            info = ErrorInfo.from_exception(
+                TaskTimeout(f"task {step.task} ran past its timeout of {step.timeout}s")
+            )
+            return False, info
+        except BaseException as exc:  # every failure of a task is recorded
+            if isinstance(exc, asyncio.CancelledError) and _cancelled_by_us():
+                raise
+            text = "".join(traceback.format_exception(exc))
+            return False, ErrorInfo.from_exception(exc, text)
+        return True, result
+
+    async def _wait(self) -> None:
+        state = self.state
+        if not self.running:
+            # Nothing in flight: sleep until the next backoff ends.
+            due = [s.retry_at for s in state.steps.values() if s.retry_at is not None]
+            if state.retry_at is not None:
+                due.append(state.retry_at)
+            if not due:
+                raise RuntimeError(
+                    f"run {state.run_id} is stuck: no task in flight, nothing due; "
+                    "this is a bug, please report it"
+                )
+            await asyncio.sleep(max(0.0, min(due) - self.runner.clock()))
+            return
+        done, _ = await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+        for task in sorted(done, key=lambda t: self.running[t].step):
+            step = self.running.pop(task)
+            ok, value = task.result()
+            now = self.runner.clock()
+            if ok:
+                events = decide.on_task_result(
+                    state, step.attempt, step.step, step.try_number, value, now
+                )
+            else:
+                events = decide.on_task_failure(
+                    state, step.attempt, step.step, step.try_number, value, now
+                )
+            await self._append(events)
+
+
+def _cancelled_by_us() -> bool:
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0
+
+
+def _divergence_info(exc: NondeterminismError) -> ErrorInfo:
+    return ErrorInfo.from_exception(exc, "".join(traceback.format_exception(exc)))
