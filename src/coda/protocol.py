@@ -410,7 +410,11 @@ class Connection:
         return msg
 
     def send(self, msg: Message) -> None:
-        """Queue one message; it is written on the next turn of the loop."""
+        """Queue one message; it is written on the next turn of the loop.
+
+        Raises at once if the message cannot be sent (see `encode_frame`).
+        `drain` or `close` make sure it has left.
+        """
         self._queue(encode_frame(msg, self.max_frame_bytes))
 
     def send_many(self, msgs: Iterable[Message]) -> None:
