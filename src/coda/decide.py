@@ -300,13 +300,15 @@ def interrupt_started(state: RunState, now: float, why: str) -> list[Event]:
 
 
 def due_steps(state: RunState, now: float) -> list[StepState]:
-    """Task steps waiting for a try: never started, or past their backoff."""
+    """The current attempt's task steps waiting for a try: never started, or
+    past their backoff. Steps of a failed attempt are not started any more."""
     if state.status.finished:
         return []
     return [
         step
         for step in state.steps.values()
-        if step.status is StepStatus.SCHEDULED
+        if (step.attempt == state.attempt
+        and step.status is StepStatus.SCHEDULED)
         or (step.status is StepStatus.BACKOFF and (step.retry_at or 0.0) <= now)
     ]
 

@@ -1,0 +1,508 @@
+"""The `coda` command line.
+
+Reading commands (`history`, `ls`, `replay`, `doctor`) open the journal file
+read-only and work whether or not a supervisor is running; they never lock it.
+Commands that change something (`submit`, `cancel`, `retry`, `resume`) ask the
+supervisor, the journal's only writer.
+
+Exit codes, for scripts: 0 success; 1 a run failed, was cancelled or is parked,
+or `doctor` found problems; 2 bad usage; 3 no such run or workflow; 4 no
+supervisor reachable; 5 replay diverged from the history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from coda.errors import (
+    CodaError,
+    NondeterminismError,
+    RunCancelled,
+    RunFailedError,
+    RunNotFound,
+    RunParkedError,
+    UnknownNameError,
+)
+from coda.journal import codec
+from coda.journal.events import Event
+from coda.runtime.client import DEFAULT_JOURNAL
+
+__all__ = ["app", "main"]
+
+EXIT_RUN_FAILED = 1
+EXIT_NOT_FOUND = 3
+EXIT_NO_SUPERVISOR = 4
+EXIT_DIVERGED = 5
+
+app = typer.Typer(
+    help="Coda: durable workflows on one SQLite file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output is for programs and logs: don't squeeze tables into 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False)
+
+JournalOpt = Annotated[
+    str,
+    typer.Option(
+        "--journal",
+        "-j",
+        envvar="CODA_JOURNAL",
+        help="The journal file (SQLite).",
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        envvar="CODA_ADDRESS",
+        help="Supervisor address: a Unix socket path or tcp://host:port "
+        "(default: the socket beside the journal).",
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar="CODA_TOKEN", help="Shared token for TCP."),
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="One JSON object a line, for programs.")
+]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _guard(call: Any) -> Any:
+    """Run `call`, turning Coda's errors into a message and an exit code."""
+    try:
+        return call()
+    except (RunNotFound, UnknownNameError) as exc:
+        _fail(str(exc), EXIT_NOT_FOUND)
+    except NondeterminismError as exc:
+        _fail(str(exc), EXIT_DIVERGED)
+    except (RunFailedError, RunCancelled, RunParkedError) as exc:
+        _fail(str(exc), EXIT_RUN_FAILED)
+    except CodaError as exc:
+        code = EXIT_NO_SUPERVISOR if "cannot reach a supervisor" in str(exc) else 1
+        _fail(str(exc), code)
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return ""
+    return dt.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, str) else value
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _journal_must_exist(journal: str) -> None:
+    if not Path(journal).exists():
+        _fail(
+            f"no journal at {journal}; pass --journal or run from the directory "
+            "where `coda run` was started",
+            EXIT_NOT_FOUND,
+        )
+
+
+# Running.
+
+
+@app.command()
+def run(
+    app_module: Annotated[
+        str,
+        typer.Argument(
+            metavar="APP",
+            help="Module defining the workflows and tasks, e.g. examples.sentry_app.app",
+        ),
+    ],
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-w", help="Worker processes (default: CPU count)."),
+    ] = None,
+    socket_path: Annotated[
+        str | None, typer.Option("--socket", help="Unix socket for clients.")
+    ] = None,
+    tcp: Annotated[
+        str | None,
+        typer.Option(
+            "--tcp", help="Also listen on HOST:PORT (loopback unless --token)."
+        ),
+    ] = None,
+    token: TokenOpt = None,
+    synchronous: Annotated[
+        str,
+        typer.Option(
+            "--synchronous",
+            help="SQLite durability: FULL (default, survives power loss) or NORMAL.",
+        ),
+    ] = "FULL",
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, help="-v for lifecycle, -vv for detail."
+        ),
+    ] = 0,
+) -> None:
+    """Start a supervisor and its workers on JOURNAL; serve until Ctrl-C or SIGTERM.
+
+    Unfinished runs found in the journal resume. Stopping is clean: nothing
+    acknowledged is lost, and tasks cut short run again at the next start.
+    """
+    from coda.runtime.main import serve
+
+    level = ("WARNING", "INFO", "DEBUG")[min(verbose, 2)]
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.path.insert(0, os.getcwd())
+    address = None
+    if tcp:
+        host, _, port = tcp.rpartition(":")
+        address = (host or "127.0.0.1", int(port))
+    _guard(
+        lambda: asyncio.run(
+            serve(
+                app_module,
+                journal_path=journal,
+                workers=workers,
+                socket_path=socket_path,
+                tcp=address,
+                token=token,
+                synchronous=synchronous.upper(),
+                log_level=level,
+            )
+        )
+    )
+
+
+def _with_client(
+    journal: str, address: str | None, token: str | None, work: Any
+) -> Any:
+    from coda.runtime.client import Client
+
+    async def go() -> Any:
+        client = await Client.connect(address, journal=journal, token=token)
+        try:
+            return await work(client)
+        finally:
+            await client.close()
+
+    return _guard(lambda: asyncio.run(go()))
+
+
+@app.command()
+def submit(
+    workflow: Annotated[str, typer.Argument(help="Workflow name.")],
+    args: Annotated[str, typer.Argument(help="Arguments as a JSON object.")] = "{}",
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run-id", help="Idempotency: the same id twice is the same run."
+        ),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the run's result.")
+    ] = False,
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a run of WORKFLOW; print its run id (and its result with --wait)."""
+    try:
+        parsed = json.loads(args)
+    except json.JSONDecodeError as exc:
+        _fail(f"ARGS is not JSON: {exc}", 2)
+    if not isinstance(parsed, dict):
+        _fail("ARGS must be a JSON object of keyword arguments", 2)
+
+    async def work(client: Any) -> Any:
+        new_id = await client.submit(workflow, parsed, run_id=run_id)
+        return new_id, (await client.wait(new_id) if wait else None)
+
+    new_id, summary = _with_client(journal, address, token, work)
+    if summary is None:
+        out.print(json.dumps({"run_id": new_id}) if as_json else new_id)
+        return
+    _print_summary(summary, as_json)
+    if summary["status"] != "completed":
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        out.print(orjson.dumps(summary).decode())
+        return
+    out.print(f"run {summary['run_id']} {summary['status']}")
+    if summary["status"] == "completed":
+        out.print(_short(summary["result"], 2000))
+    elif summary.get("error"):
+        error = summary["error"]
+        out.print(f"{error['type']}: {error['message']}")
+
+
+@app.command()
+def wait(
+    run_ids: Annotated[
+        list[str], typer.Argument(help="Run ids (unique prefixes work).")
+    ],
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Wait for runs to finish, showing progress; exit 1 if any did not complete."""
+    from rich.progress import Progress
+
+    async def work(client: Any) -> list[dict[str, Any]]:
+        summaries = []
+        with Progress(console=err, transient=True, disable=as_json) as progress:
+            bar = progress.add_task("waiting", total=len(run_ids))
+            waits = [client.wait(r) for r in run_ids]
+            for done in asyncio.as_completed(waits):
+                summaries.append(await done)
+                progress.advance(bar)
+        return summaries
+
+    summaries = _with_client(journal, address, token, work)
+    for summary in summaries:
+        _print_summary(summary, as_json)
+    if any(s["status"] != "completed" for s in summaries):
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _change(
+    op: str,
+    run_id: str,
+    reason: str,
+    journal: str,
+    address: str | None,
+    token: str | None,
+) -> None:
+    changed = _with_client(
+        journal, address, token, lambda c: c.request(op, run_id=run_id, reason=reason)
+    )
+    if not changed["changed"]:
+        _fail(f"run {changed['run_id']} cannot be {op}ed in its current status", 1)
+    out.print(f"run {changed['run_id']}: {op} recorded")
+
+
+@app.command()
+def cancel(
+    run_id: str,
+    reason: Annotated[
+        str, typer.Option(help="Why; kept in the history.")
+    ] = "cancelled from the CLI",
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Cancel an unfinished run."""
+    _change("cancel", run_id, reason, journal, address, token)
+
+
+@app.command()
+def retry(
+    run_id: str,
+    reason: Annotated[
+        str, typer.Option(help="Why; kept in the history.")
+    ] = "retried from the CLI",
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Retry a failed or cancelled run: a new attempt that reuses cached task results."""
+    _change("retry", run_id, reason, journal, address, token)
+
+
+@app.command()
+def resume(
+    run_id: str,
+    reason: Annotated[
+        str, typer.Option(help="Why; kept in the history.")
+    ] = "resumed from the CLI",
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    address: AddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Resume a parked run once code that matches its history is deployed."""
+    _change("resume", run_id, reason, journal, address, token)
+
+
+# Reading.
+
+
+@app.command("ls")
+def list_runs(
+    status: Annotated[
+        str | None,
+        typer.Option(
+            help="pending, running, retrying, parked, completed, failed or cancelled."
+        ),
+    ] = None,
+    workflow: Annotated[
+        str | None, typer.Option(help="Only runs of this workflow.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    as_json: JsonOpt = False,
+) -> None:
+    """List runs, newest first."""
+    from coda.journal.sqlite import read_runs_sync
+
+    _journal_must_exist(journal)
+    runs = _guard(
+        lambda: read_runs_sync(journal, status=status, workflow=workflow, limit=limit)
+    )
+    if as_json:
+        from coda.runtime.server import summary_dict
+
+        for summary in runs:
+            out.print(orjson.dumps(summary_dict(summary)).decode())
+        return
+    table = Table(
+        "run", "workflow", "status", "attempt", "events", "submitted", "updated"
+    )
+    for s in runs:
+        table.add_row(
+            s.run_id,
+            s.workflow,
+            s.status,
+            str(s.attempt),
+            str(s.events),
+            _when(s.submitted_at),
+            _when(s.updated_at),
+        )
+    out.print(table)
+
+
+def _event_detail(event: Event) -> str:
+    body = codec.encode_dict(event)
+    for key in ("v", "type", "run_id", "seq", "at", "attempt", "step"):
+        body.pop(key, None)
+    if "policy" in body:
+        body.pop("policy")
+    if isinstance(body.get("error"), dict):
+        error = body.pop("error")
+        body["error"] = f"{error['type']}: {error['message']}"
+    return ", ".join(f"{k}={_short(v, 70)}" for k, v in body.items() if v is not None)
+
+
+@app.command()
+def history(
+    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix.")],
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a run's events; --json gives the form that `coda.replay.load_history` reads."""
+    from coda.journal.sqlite import read_history_sync
+
+    _journal_must_exist(journal)
+    events = _guard(lambda: read_history_sync(journal, run_id))
+    if as_json:
+        for event in events:
+            sys.stdout.write(codec.encode(event).decode() + "\n")
+        return
+    table = Table(
+        "#", "at", "event", "attempt", "step", "detail", title=f"run {events[0].run_id}"
+    )
+    for e in events:
+        table.add_row(
+            str(e.seq),
+            _when(e.at),
+            type(e).__name__,
+            str(getattr(e, "attempt", "")),
+            str(getattr(e, "step", "")),
+            _event_detail(e),
+        )
+    out.print(table)
+
+
+@app.command()
+def replay(
+    run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix.")],
+    app_module: Annotated[
+        str, typer.Option("--app", help="Module defining the workflow.")
+    ],
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    history_file: Annotated[
+        str | None,
+        typer.Option(
+            "--file", help="Read the history from `coda history --json` output instead."
+        ),
+    ] = None,
+) -> None:
+    """Replay a run against the current code, with no supervisor and no side effects."""
+    from coda.definitions import load_app
+    from coda.replay import load_history
+    from coda.replay import replay as replay_run
+
+    sys.path.insert(0, os.getcwd())
+
+    def go() -> Any:
+        source = history_file or journal
+        if history_file is None:
+            _journal_must_exist(journal)
+        events = load_history(source, run_id)
+        if not events:
+            raise RunNotFound(f"no events of run {run_id!r} in {source}")
+        registry = load_app(app_module)
+        first = events[0]
+        workflow = registry.workflow(getattr(first, "workflow", ""))
+        return replay_run(workflow, events)
+
+    outcome = _guard(go)
+    out.print(
+        f"run {outcome.run_id}: replayed {outcome.status} without divergence"
+        + (f"; next: {len(outcome.commands)} new commands" if outcome.commands else "")
+    )
+    if outcome.error is not None:
+        out.print(
+            f"recorded error reproduced: {outcome.error.type}: {outcome.error.message}"
+        )
+
+
+@app.command()
+def doctor(
+    journal: Annotated[
+        str, typer.Argument(help="The journal file to check.")
+    ] = DEFAULT_JOURNAL,
+) -> None:
+    """Check a journal: SQLite integrity, gaps in histories, projections against the fold.
+
+    Reports each problem and changes nothing; exits 1 if it found any.
+    """
+    from coda.doctor import check_journal
+
+    _journal_must_exist(journal)
+    problems = _guard(lambda: asyncio.run(check_journal(journal)))
+    for problem in problems:
+        out.print(f"- {problem}")
+    if problems:
+        _fail(f"{len(problems)} problems found in {journal}", 1)
+    out.print(f"{journal}: no problems found")
+
+
+def main() -> None:
+    app()

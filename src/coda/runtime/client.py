@@ -1,0 +1,246 @@
+"""`coda.Client`: submit runs to a supervisor, wait for results, read status.
+
+    async with await coda.Client.connect(journal="coda.db") as client:
+        run_id = await client.submit("process_event", {"project_id": 1, ...})
+        result = await client.result(run_id)
+
+The address is a Unix socket path (by default the one beside the journal:
+`.coda/<journal file name>.sock`) or `tcp://host:port`. Several requests may be
+in flight on one client; replies are matched to requests by id.
+
+`SyncClient` wraps the same calls for code that has no event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+from coda.definitions import WorkflowDef
+from coda.errors import (
+    CodaError,
+    ProtocolError,
+    RunCancelled,
+    RunFailedError,
+    RunNotFound,
+    RunParkedError,
+    UnknownNameError,
+)
+from coda.journal import codec
+from coda.journal.events import Event
+from coda.protocol import Connection, client_handshake
+
+__all__ = ["Client", "SyncClient", "default_socket_path"]
+
+DEFAULT_JOURNAL = "coda.db"
+
+
+def default_socket_path(journal: str | os.PathLike[str] = DEFAULT_JOURNAL) -> Path:
+    """The supervisor's Unix socket for a journal: `.coda/NAME.sock` beside it."""
+    path = Path(journal).absolute()
+    return path.parent / ".coda" / f"{path.name}.sock"
+
+
+class RequestError(CodaError):
+    """The supervisor refused a request; `code` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class Client:
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(
+        cls,
+        address: str | os.PathLike[str] | None = None,
+        *,
+        journal: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        timeout: float = 10.0,
+    ) -> Client:
+        """Connect to a supervisor; by default the one serving `journal`."""
+        address = address or os.environ.get("CODA_ADDRESS")
+        if address is None:
+            address = default_socket_path(journal or DEFAULT_JOURNAL)
+        target = str(address)
+        try:
+            async with asyncio.timeout(timeout):
+                if target.startswith("tcp://"):
+                    host, _, port = target[len("tcp://") :].rpartition(":")
+                    reader, writer = await asyncio.open_connection(host, int(port))
+                else:
+                    reader, writer = await asyncio.open_unix_connection(target)
+        except (OSError, TimeoutError) as exc:
+            raise CodaError(
+                f"cannot reach a supervisor at {target}: {exc}. Is `coda run` "
+                "running for this journal? (--journal, --address or CODA_ADDRESS)"
+            ) from exc
+        conn = Connection(reader, writer, name=f"supervisor at {target}")
+        extra = {"token": token} if token else {}
+        await client_handshake(conn, "client", **extra)
+        return cls(conn)
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await self._conn.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _read(self) -> None:
+        error: BaseException = ProtocolError("the supervisor closed the connection")
+        try:
+            while True:
+                msg = await self._conn.recv()
+                if msg is None:
+                    break
+                future = self._pending.pop(msg.get("id", -1), None)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+                elif msg["op"] == "error":
+                    error = RequestError(str(msg.get("code")), str(msg.get("message")))
+                    break
+        except ProtocolError as exc:
+            error = exc
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        if self._reader.done():
+            raise ProtocolError("the connection to the supervisor is closed")
+        request_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending[request_id] = future
+        self._conn.send({"op": op, "id": request_id, **fields})
+        reply = await future
+        if reply["op"] == "error":
+            code, message = str(reply.get("code")), str(reply.get("message"))
+            if code == "not-found":
+                raise (UnknownNameError if "workflow" in message else RunNotFound)(
+                    message
+                )
+            raise RequestError(code, message)
+        return reply
+
+    # The calls.
+
+    async def submit(
+        self,
+        workflow: str | WorkflowDef[..., Any],
+        args: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> str:
+        """Start a run; with a `run_id` already used, return that run instead."""
+        name = workflow.name if isinstance(workflow, WorkflowDef) else workflow
+        reply = await self.request(
+            "submit", workflow=name, args=args or {}, run_id=run_id
+        )
+        return str(reply["run_id"])
+
+    async def wait(self, run_id: str) -> dict[str, Any]:
+        """Wait until the run is finished (or parked); return its summary."""
+        return await self.request("wait", run_id=run_id)
+
+    async def result(self, run_id: str, timeout: float | None = None) -> Any:
+        """The run's result; raises if it failed, was cancelled or is parked."""
+        async with asyncio.timeout(timeout):
+            summary = await self.wait(run_id)
+        return result_of(summary)
+
+    async def status(self, run_id: str) -> dict[str, Any]:
+        return await self.request("status", run_id=run_id)
+
+    async def cancel(self, run_id: str, reason: str = "") -> bool:
+        return bool(
+            (await self.request("cancel", run_id=run_id, reason=reason))["changed"]
+        )
+
+    async def retry(self, run_id: str, reason: str = "") -> bool:
+        return bool(
+            (await self.request("retry", run_id=run_id, reason=reason))["changed"]
+        )
+
+    async def resume(self, run_id: str, reason: str = "") -> bool:
+        return bool(
+            (await self.request("resume", run_id=run_id, reason=reason))["changed"]
+        )
+
+    async def runs(
+        self, status: str | None = None, workflow: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        reply = await self.request(
+            "list", status=status, workflow=workflow, limit=limit
+        )
+        runs: list[dict[str, Any]] = reply["runs"]
+        return runs
+
+    async def history(self, run_id: str) -> list[Event]:
+        reply = await self.request("history", run_id=run_id)
+        return [codec.decode_dict(e) for e in reply["events"]]
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.request("stats")
+
+
+def result_of(summary: dict[str, Any]) -> Any:
+    status = summary["status"]
+    run_id = summary["run_id"]
+    if status == "completed":
+        return summary["result"]
+    error = summary.get("error") or {}
+    if status == "failed":
+        raise RunFailedError(
+            run_id,
+            str(error.get("type")),
+            str(error.get("message")),
+            str(error.get("traceback", "")),
+        )
+    if status == "cancelled":
+        raise RunCancelled(f"run {run_id} was cancelled")
+    if status == "parked":
+        raise RunParkedError(run_id, str(error.get("message")))
+    raise CodaError(f"run {run_id} is {status}, not finished")
+
+
+class SyncClient:
+    """The same calls as `Client`, for code without an event loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = self._loop.run_until_complete(Client.connect(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._loop.run_until_complete(method(*args, **kwargs))
+
+        return call
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.close())
+        self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,75 @@
+"""`coda run`: a supervisor, its workers and its client socket, until a signal.
+
+Kept apart from the supervisor so that the supervisor stays testable in-process
+(start, drive, stop) while this edge deals with signals, paths and logging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+from coda.definitions import load_app
+from coda.journal.sqlite import SQLiteJournal
+from coda.runtime.client import default_socket_path
+from coda.runtime.server import ClientServer
+from coda.runtime.supervisor import Supervisor
+
+__all__ = ["serve"]
+
+logger = logging.getLogger(__name__)
+
+
+async def serve(
+    app: str,
+    *,
+    journal_path: str,
+    workers: int | None = None,
+    socket_path: str | None = None,
+    tcp: tuple[str, int] | None = None,
+    token: str | None = None,
+    synchronous: str = "FULL",
+    worker_threads: int = 16,
+    ready_file: str | None = None,
+    log_level: str = "WARNING",
+) -> None:
+    """Serve until SIGINT or SIGTERM, then stop cleanly."""
+    registry = load_app(app)
+    journal = await SQLiteJournal.open(journal_path, synchronous=synchronous)
+    supervisor = Supervisor(
+        journal,
+        app,
+        registry,
+        workers=workers or os.cpu_count() or 2,
+        worker_threads=worker_threads,
+        log_level=log_level,
+    )
+    path = Path(socket_path) if socket_path else default_socket_path(journal_path)
+    server = ClientServer(supervisor, socket_path=path, tcp=tcp, token=token)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await supervisor.start()
+        await server.start()
+        logger.warning(
+            "coda: supervisor pid %d serving %s on %s with %d workers (%d runs "
+            "recovered)",
+            os.getpid(),
+            journal_path,
+            path,
+            supervisor.pool.size,
+            len(supervisor.runs),
+        )
+        if ready_file:
+            Path(ready_file).write_text(str(os.getpid()))
+        await stop.wait()
+        logger.warning("coda: stopping")
+    finally:
+        await server.close()
+        await supervisor.stop()
+        await journal.close()

@@ -1,0 +1,239 @@
+"""The supervisor's worker processes: starting them, talking to them, losing them.
+
+Each worker is a child process holding one end of a socketpair, inherited as a
+file descriptor: no listening port, nothing another process could connect to.
+The supervisor learns of a worker's death at once, because its end of the socket
+reaches end-of-file; it then reaps the process and asks the supervisor (through
+`on_lost`) to reschedule the worker's tries and re-host its runs, and starts a
+replacement. A worker that keeps dying right after it starts is restarted with a
+growing delay rather than in a hot loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+
+from coda.errors import ProtocolError
+from coda.protocol import Connection, server_handshake
+
+__all__ = ["WorkerHandle", "WorkerPool"]
+
+logger = logging.getLogger(__name__)
+
+# A try as the pool knows it: (run, attempt, step, try).
+TryKey = tuple[str, int, int, int]
+
+
+@attrs.define(eq=False)
+class WorkerHandle:
+    name: str
+    process: asyncio.subprocess.Process
+    conn: Connection
+    started_at: float
+    # Tries sent to this worker and not answered yet, with their deadline.
+    tries: dict[TryKey, float | None] = attrs.field(factory=dict)
+    hosted: set[str] = attrs.field(factory=set)
+    alive: bool = True
+    lost_reason: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        app: str,
+        size: int,
+        *,
+        on_message: Callable[[WorkerHandle, dict[str, Any]], None],
+        on_lost: Callable[[WorkerHandle], Awaitable[None]],
+        threads: int = 16,
+        log_level: str = "WARNING",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.app = app
+        self.size = size
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.threads = threads
+        self.log_level = log_level
+        self.env = env
+        self.workers: list[WorkerHandle] = []
+        self._serial = 0
+        self._quick_deaths = 0
+        self._closing = False
+        self._readers: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await asyncio.gather(*(self._spawn() for _ in range(self.size)))
+
+    async def _spawn(self) -> None:
+        self._serial += 1
+        name = f"w{self._serial}"
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "coda.runtime.worker",
+                "--fd",
+                str(theirs.fileno()),
+                "--app",
+                self.app,
+                "--name",
+                name,
+                "--threads",
+                str(self.threads),
+                "--log-level",
+                self.log_level,
+                pass_fds=(theirs.fileno(),),
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        conn = await Connection.from_socket(ours, name=f"worker {name}")
+        try:
+            await server_handshake(conn)
+        except ProtocolError as exc:
+            logger.error(
+                "worker %s (pid %d) failed its handshake: %s", name, process.pid, exc
+            )
+            await conn.close()
+            await self._reap(process)
+            self._schedule_respawn()
+            return
+        handle = WorkerHandle(name, process, conn, time.monotonic())
+        self.workers.append(handle)
+        logger.info("worker %s started (pid %d)", name, process.pid)
+        reader = asyncio.create_task(self._read(handle))
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
+
+    async def _read(self, handle: WorkerHandle) -> None:
+        try:
+            while True:
+                msg = await handle.conn.recv()
+                if msg is None:
+                    break
+                self.on_message(handle, msg)
+        except ProtocolError as exc:
+            handle.lost_reason = f"protocol error: {exc}"
+        except Exception:
+            logger.exception("worker %s: error handling its message", handle.name)
+            handle.lost_reason = "the supervisor failed handling its message"
+        await self._lose(handle)
+
+    async def _lose(self, handle: WorkerHandle) -> None:
+        if not handle.alive:
+            return
+        handle.alive = False
+        if handle in self.workers:
+            self.workers.remove(handle)
+        await handle.conn.close()
+        code = await self._reap(handle.process)
+        reason = handle.lost_reason or _describe_exit(code)
+        handle.lost_reason = reason
+        if self._closing:
+            return
+        logger.warning(
+            "worker %s (pid %d) lost: %s; %d tries and %d runs to reschedule",
+            handle.name,
+            handle.pid,
+            reason,
+            len(handle.tries),
+            len(handle.hosted),
+        )
+        if time.monotonic() - handle.started_at < 2.0:
+            self._quick_deaths += 1
+        else:
+            self._quick_deaths = 0
+        await self.on_lost(handle)
+        self._schedule_respawn()
+
+    def _schedule_respawn(self) -> None:
+        if self._closing:
+            return
+        delay = min(0.1 * 2**self._quick_deaths, 5.0) if self._quick_deaths else 0.0
+        if self._quick_deaths >= 3:
+            logger.error(
+                "workers keep dying right after they start; next one in %.1fs. "
+                "Check that the app imports cleanly",
+                delay,
+            )
+        asyncio.get_running_loop().call_later(
+            delay, lambda: asyncio.ensure_future(self._respawn())
+        )
+
+    async def _respawn(self) -> None:
+        if not self._closing and len(self.workers) < self.size:
+            await self._spawn()
+
+    def kill(self, handle: WorkerHandle, reason: str) -> None:
+        """Kill a worker (hung, or past a try's timeout); it is then lost."""
+        handle.lost_reason = reason
+        with contextlib.suppress(ProcessLookupError):
+            handle.process.send_signal(signal.SIGKILL)
+
+    async def _reap(self, process: asyncio.subprocess.Process) -> int | None:
+        try:
+            return await asyncio.wait_for(process.wait(), 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            return await process.wait()
+
+    async def close(self, grace: float = 3.0) -> None:
+        """Ask every worker to stop, and kill those that do not in time."""
+        self._closing = True
+        for handle in list(self.workers):
+            with contextlib.suppress(Exception):
+                handle.conn.send({"op": "stop"})
+                await handle.conn.drain()
+        deadline = time.monotonic() + grace
+        for handle in list(self.workers):
+            left = max(deadline - time.monotonic(), 0.05)
+            try:
+                await asyncio.wait_for(handle.process.wait(), left)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    handle.process.kill()
+                await handle.process.wait()
+            await handle.conn.close()
+        for reader in list(self._readers):
+            reader.cancel()
+        self.workers.clear()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "its connection closed"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,275 @@
+"""The supervisor's door for clients: a Unix socket, and TCP when asked.
+
+Requests and replies (every request may carry an "id", echoed in its reply, so
+a client can have several requests in flight on one connection):
+
+    {"op": "submit", "workflow": name, "args": {...}, "run_id": id | null}
+        -> {"op": "submitted", "run_id": id, "created": bool}
+    {"op": "wait", "run_id": id}          -> {"op": "run", ...summary}
+    {"op": "status", "run_id": id}        -> {"op": "run", ...summary}
+    {"op": "cancel" | "retry" | "resume", "run_id": id, "reason": str}
+        -> {"op": "done", "changed": bool}
+    {"op": "list", "status": s, "workflow": w, "limit": n}
+        -> {"op": "runs", "runs": [summary, ...]}
+    {"op": "history", "run_id": id}       -> {"op": "history", "events": [...]}
+    {"op": "stats"}                       -> {"op": "stats", ...}
+
+A request that is well-formed but asks for something impossible (an unknown
+workflow, a run that does not exist) gets {"op": "error", "code": ..., ...} and
+the connection stays open. A frame that is malformed or too large, or a message
+with an unknown op, gets an error and the connection is closed: a peer that
+does not speak the protocol cannot be trusted with the next frame. Either way
+the supervisor goes on serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from coda.errors import CodaError, ProtocolError, RunNotFound, UnknownNameError
+from coda.journal import codec
+from coda.journal.base import RunSummary
+from coda.protocol import Connection, server_handshake
+from coda.runtime.supervisor import Supervisor
+from coda.runtime.wire import encode_error
+from coda.values import check_json
+
+__all__ = ["ClientServer", "summary_dict"]
+
+logger = logging.getLogger(__name__)
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+
+
+class BadRequest(CodaError, ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+def summary_dict(summary: RunSummary) -> dict[str, Any]:
+    body = attrs.asdict(summary, recurse=False)
+    body["error"] = encode_error(summary.error) if summary.error else None
+    return body
+
+
+class ClientServer:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        *,
+        socket_path: Path | None,
+        tcp: tuple[str, int] | None = None,
+        token: str | None = None,
+        max_frame_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.supervisor = supervisor
+        self.socket_path = socket_path
+        self.tcp = tcp
+        self.token = token
+        self.max_frame_bytes = max_frame_bytes
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        if self.socket_path is not None:
+            self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.socket_path.exists():
+                self.socket_path.unlink()  # left by a supervisor that died
+            # Create the socket 0600 from the start: no window where others
+            # could connect.
+            old = os.umask(0o177)
+            try:
+                server = await asyncio.start_unix_server(
+                    self._serve, path=str(self.socket_path)
+                )
+            finally:
+                os.umask(old)
+            self._servers.append(server)
+        if self.tcp is not None:
+            host, port = self.tcp
+            if self.token is None and not _is_loopback(host):
+                raise CodaError(
+                    f"refusing to listen on {host}:{port} without a token: anyone on "
+                    "the network could submit work. Set --token, or use 127.0.0.1"
+                )
+            server = await asyncio.start_server(self._serve, host, port)
+            self._servers.append(server)
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        for server in self._servers:
+            await server.wait_closed()
+        if self.socket_path is not None and self.socket_path.exists():
+            self.socket_path.unlink()
+
+    def tcp_port(self) -> int | None:
+        for server in self._servers:
+            for sock in server.sockets:
+                if sock.family.name.startswith("AF_INET"):
+                    port: int = sock.getsockname()[1]
+                    return port
+        return None
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        conn = Connection(
+            reader, writer, name="client", max_frame_bytes=self.max_frame_bytes
+        )
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            await server_handshake(conn, token=self.token, roles=("client",))
+            while True:
+                msg = await conn.recv()
+                if msg is None:
+                    break
+                if msg["op"] not in _OPS:
+                    await conn.close_with_error(
+                        "unknown-op",
+                        f"unknown request {msg['op']!r}; known: {sorted(_OPS)}",
+                    )
+                    break
+                request = asyncio.create_task(self._answer(conn, msg))
+                pending.add(request)
+                request.add_done_callback(pending.discard)
+        except ProtocolError as exc:
+            logger.info("client connection closed: %s", exc)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            for request in pending:
+                request.cancel()
+            await conn.close()
+            self._connections.discard(task)
+
+    async def _answer(self, conn: Connection, msg: dict[str, Any]) -> None:
+        try:
+            reply = await _OPS[msg["op"]](self, msg)
+        except BadRequest as exc:
+            reply = {"op": "error", "code": exc.code, "message": str(exc)}
+        except (RunNotFound, UnknownNameError) as exc:
+            reply = {"op": "error", "code": "not-found", "message": str(exc)}
+        except CodaError as exc:
+            reply = {"op": "error", "code": "failed", "message": str(exc)}
+        except Exception as exc:
+            logger.exception("request %r failed", msg.get("op"))
+            reply = {
+                "op": "error",
+                "code": "internal",
+                "message": f"the supervisor failed on this request: {exc!r}; "
+                "this is a bug, please report it",
+            }
+        if "id" in msg:
+            reply["id"] = msg["id"]
+        if not conn.closed:
+            conn.send(reply)
+
+    # Requests.
+
+    async def _submit(self, msg: dict[str, Any]) -> dict[str, Any]:
+        workflow = msg.get("workflow")
+        if not isinstance(workflow, str):
+            raise BadRequest("bad-request", "submit needs a string 'workflow'")
+        args = msg.get("args") or {}
+        if not isinstance(args, dict):
+            raise BadRequest("bad-request", "submit's 'args' must be a JSON object")
+        check_json(args, "args")
+        run_id = msg.get("run_id") or uuid.uuid4().hex
+        if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+            raise BadRequest(
+                "bad-request",
+                f"run id {run_id!r} is not valid: 1-128 letters, digits and _.:@-",
+            )
+        run_id, created = await self.supervisor.submit(workflow, args, run_id)
+        return {"op": "submitted", "run_id": run_id, "created": created}
+
+    async def _summary(self, run_id: str) -> dict[str, Any]:
+        summary = await self.supervisor.journal.run(run_id)
+        if summary is None:
+            raise RunNotFound(f"no run {run_id!r} in the journal")
+        return {"op": "run", **summary_dict(summary)}
+
+    async def _resolve(self, msg: dict[str, Any]) -> str:
+        run_id = msg.get("run_id")
+        if not isinstance(run_id, str) or not run_id:
+            raise BadRequest("bad-request", f"{msg['op']} needs a string 'run_id'")
+        if run_id in self.supervisor.runs:
+            return run_id
+        return await self.supervisor.journal.resolve(run_id)
+
+    async def _wait(self, msg: dict[str, Any]) -> dict[str, Any]:
+        run_id = await self._resolve(msg)
+        await self.supervisor.wait(run_id)
+        return await self._summary(run_id)
+
+    async def _status(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self._summary(await self._resolve(msg))
+
+    async def _cancel(self, msg: dict[str, Any]) -> dict[str, Any]:
+        run_id = await self._resolve(msg)
+        changed = await self.supervisor.cancel(
+            run_id, str(msg.get("reason") or "cancelled")
+        )
+        return {"op": "done", "run_id": run_id, "changed": changed}
+
+    async def _reopen(self, msg: dict[str, Any]) -> dict[str, Any]:
+        run_id = await self._resolve(msg)
+        changed = await self.supervisor.reopen(
+            run_id, str(msg.get("reason") or msg["op"])
+        )
+        return {"op": "done", "run_id": run_id, "changed": changed}
+
+    async def _list(self, msg: dict[str, Any]) -> dict[str, Any]:
+        runs = await self.supervisor.journal.runs(
+            status=msg.get("status"),
+            workflow=msg.get("workflow"),
+            limit=int(msg.get("limit") or 100),
+        )
+        return {"op": "runs", "runs": [summary_dict(r) for r in runs]}
+
+    async def _history(self, msg: dict[str, Any]) -> dict[str, Any]:
+        run_id = await self._resolve(msg)
+        events = await self.supervisor.journal.history(run_id)
+        return {
+            "op": "history",
+            "run_id": run_id,
+            "events": [codec.encode_dict(e) for e in events],
+        }
+
+    async def _stats(self, msg: dict[str, Any]) -> dict[str, Any]:
+        stats = attrs.asdict(self.supervisor.stats)
+        stats["live_runs"] = len(self.supervisor.runs)
+        stats["workers"] = len(self.supervisor.pool.workers)
+        return {"op": "stats", **stats}
+
+
+_OPS = {
+    "submit": ClientServer._submit,
+    "wait": ClientServer._wait,
+    "status": ClientServer._status,
+    "cancel": ClientServer._cancel,
+    "retry": ClientServer._reopen,
+    "resume": ClientServer._reopen,
+    "list": ClientServer._list,
+    "history": ClientServer._history,
+    "stats": ClientServer._stats,
+}
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -1,0 +1,645 @@
+"""The supervisor: the one process that owns the journal and decides.
+
+Theory of operation
+-------------------
+Workers run code; clients ask for runs; the supervisor turns what they say
+into events, appends them to the journal, and only then acts on them. Its
+in-memory state is the fold of the unfinished runs' events (`coda.state`);
+every decision goes through `coda.decide`, which applies each event to that
+state as it makes it. So the state is always "the journal plus what is being
+committed now", and a restart rebuilds it by folding the journal again.
+
+The write-ahead rule, concretely:
+
+* a try is sent to a worker only after its `TaskScheduled` and `TaskStarted`
+  are durable;
+* a workflow instance is fed a result, and a client is told of a submission or
+  a run's end, only after the event saying so is durable.
+
+Every append goes through the journal's group commit, so decisions made while
+a transaction is being written share the next one.
+
+Workflow instances are hosted by workers. A run sticks to the worker that
+hosts it, which is fed only the run's new outcomes (`_FEEDS`); when that worker
+dies, another is sent the whole history and replays it. At most one activation
+per run is in flight, so an instance never sees events out of order.
+
+Recovery. At start-up every unfinished run is folded from the journal; tries
+that were running when the last supervisor died are recorded as interrupted
+(they run again, at no cost to their retry budget), parked runs are resumed on
+the code deployed now, and everything due is scheduled.
+
+Shutdown (SIGINT, SIGTERM). Stop taking clients, stop the workers, record the
+tries still running as interrupted, close the journal. Nothing acknowledged is
+lost; the interrupted tries run again at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+
+from coda import decide
+from coda.definitions import Registry
+from coda.errors import CodaError, JournalError, TaskTimeout
+from coda.journal import codec
+from coda.journal.base import Journal
+from coda.journal.events import (
+    AttemptFailed,
+    AttemptStarted,
+    ErrorInfo,
+    Event,
+    RunCancelled,
+    TaskCompleted,
+    TaskFailed,
+    TaskScheduled,
+)
+from coda.runtime import faults
+from coda.runtime.pool import TryKey, WorkerHandle, WorkerPool
+from coda.runtime.wire import decode_command, decode_error
+from coda.state import IllegalEvent, RunState, RunStatus, StepState, StepStatus, fold
+
+__all__ = ["Supervisor"]
+
+logger = logging.getLogger(__name__)
+
+
+def _feeds(event: Event) -> bool:
+    """Whether a hosting instance needs this event (it made the others itself)."""
+    if isinstance(event, TaskFailed):
+        return event.retry_at is None
+    return isinstance(event, (AttemptStarted, TaskCompleted, RunCancelled))
+
+
+@attrs.define(eq=False)
+class LiveRun:
+    """An unfinished run in memory: its state, history and hosting."""
+
+    state: RunState
+    history: list[Event]
+    host: WorkerHandle | None = None
+    outbox: list[Event] = attrs.field(factory=list)
+    activating: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.state.run_id
+
+
+@attrs.define
+class Stats:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    parked: int = 0
+    tasks_dispatched: int = 0
+    tasks_reused: int = 0
+    workers_lost: int = 0
+    commits: int = 0
+    events: int = 0
+
+
+class Supervisor:
+    def __init__(
+        self,
+        journal: Journal,
+        app: str,
+        registry: Registry,
+        *,
+        workers: int,
+        worker_threads: int = 16,
+        max_tries_per_worker: int = 64,
+        clock: Callable[[], float] = time.time,
+        worker_env: dict[str, str] | None = None,
+        log_level: str = "WARNING",
+    ) -> None:
+        self.journal = journal
+        self.registry = registry
+        self.clock = clock
+        self.max_tries_per_worker = max_tries_per_worker
+        self.runs: dict[str, LiveRun] = {}
+        self.stats = Stats()
+        self.pool = WorkerPool(
+            app,
+            workers,
+            on_message=self._on_worker_message,
+            on_lost=self._on_worker_lost,
+            threads=worker_threads,
+            env=worker_env,
+            log_level=log_level,
+        )
+        # Steps waiting for a worker with room, in the order they became due.
+        self._ready: collections.deque[tuple[str, int, int]] = collections.deque()
+        self._queued: set[tuple[str, int, int]] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._submitting: dict[str, asyncio.Future[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._watchdog: asyncio.Task[None] | None = None
+
+    # Start-up and shutdown.
+
+    async def start(self) -> None:
+        await self._recover()
+        await self.pool.start()
+        for run in list(self.runs.values()):
+            self._after_change(run)
+        self._pump()
+        self._watchdog = asyncio.create_task(self._watch_timeouts())
+
+    async def _recover(self) -> None:
+        started = time.perf_counter()
+        histories = await self.journal.unfinished()
+        now = self.clock()
+        batch: list[Event] = []
+        for run_id, history in histories.items():
+            try:
+                state = fold(history)
+            except IllegalEvent as exc:
+                logger.error(
+                    "run %s cannot be recovered, its history is inconsistent: %s; "
+                    "run `coda doctor` on the journal. Leaving it untouched.",
+                    run_id,
+                    exc,
+                )
+                continue
+            assert state is not None
+            run = LiveRun(state, list(history))
+            events = decide.interrupt_started(state, now, "the supervisor restarted")
+            events += decide.resume(state, "the supervisor restarted", now)
+            events += decide.start_attempt(state, now)
+            run.history += events
+            batch += events
+            self.runs[run_id] = run
+        if batch:
+            await self._commit(batch)
+        logger.info(
+            "recovered %d unfinished runs in %.3fs",
+            len(self.runs),
+            time.perf_counter() - started,
+        )
+
+    async def stop(self) -> None:
+        """Stop cleanly: nothing acknowledged is lost, running tries are interrupted."""
+        if self._stopping:
+            return
+        self._stopping = True
+        faults.crash_point("supervisor.shutdown")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await self.pool.close()
+        now = self.clock()
+        batch: list[Event] = []
+        for run in self.runs.values():
+            if run.timer is not None:
+                run.timer.cancel()
+            events = decide.interrupt_started(run.state, now, "the supervisor stopped")
+            run.history += events
+            batch += events
+        if batch:
+            await self._commit(batch)
+        for task in list(self._background):
+            task.cancel()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.cancel()
+        logger.info("supervisor stopped; %d runs unfinished", len(self.runs))
+
+    # Committing.
+
+    async def _commit(self, events: list[Event]) -> None:
+        faults.crash_point("supervisor.before_commit")
+        await self.journal.append(events)
+        self.stats.commits += 1
+        self.stats.events += len(events)
+        faults.crash_point("supervisor.after_commit")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("supervisor step failed", exc_info=task.exception())
+
+    async def _record(self, run: LiveRun, events: list[Event]) -> bool:
+        """Append one run's new events, then act on them. False if not written."""
+        if not events:
+            return True
+        run.history += events
+        run.outbox += [e for e in events if _feeds(e)]
+        try:
+            await self._commit(events)
+        except JournalError as exc:
+            logger.error("run %s: journal append failed: %s", run.run_id, exc)
+            await self._reload(run)
+            return False
+        self._after_change(run, events)
+        return True
+
+    async def _reload(self, run: LiveRun) -> None:
+        # The in-memory state ran ahead of the journal; fold what is durable.
+        try:
+            history = await self.journal.history(run.run_id)
+        except CodaError:
+            logger.exception("run %s: cannot reread its history", run.run_id)
+            return
+        state = fold(history)
+        assert state is not None
+        run.state, run.history, run.outbox = state, history, []
+        run.activating, run.host = False, None
+
+    # Reacting to a run's change: finish, activate, schedule, set timers.
+
+    def _after_change(self, run: LiveRun, events: list[Event] | None = None) -> None:
+        """Act on a run's committed `events` (None: look at the whole run)."""
+        state = run.state
+        if state.status.finished:
+            self._finish(run)
+            return
+        if state.status is RunStatus.PARKED:
+            self._notify(run.run_id)
+            return
+        if events is None:
+            self._scan(run)
+        else:
+            for event in events:
+                if isinstance(event, TaskScheduled):
+                    step = state.steps[(event.attempt, event.step)]
+                    if step.status is StepStatus.SCHEDULED:
+                        self._queue(run, step)
+                elif (isinstance(event, TaskFailed) and event.retry_at is not None) or (isinstance(event, AttemptFailed) and event.retry_at is not None):
+                    self._set_timer(run, event.retry_at)
+        if run.outbox or (state.status is RunStatus.RUNNING and run.host is None):
+            self._activate(run)
+        self._pump()
+
+    def _scan(self, run: LiveRun) -> None:
+        """Queue every due step of the run and set its timer for the next one."""
+        state = run.state
+        now = self.clock()
+        for step in decide.due_steps(state, now):
+            self._queue(run, step)
+        later = [
+            s.retry_at
+            for s in state.steps.values()
+            if s.status is StepStatus.BACKOFF and s.retry_at and s.retry_at > now
+        ]
+        if state.status is RunStatus.RETRYING and state.retry_at is not None:
+            later.append(state.retry_at)
+        if later:
+            self._set_timer(run, min(later))
+
+    def _queue(self, run: LiveRun, step: StepState) -> None:
+        key = (run.run_id, step.attempt, step.step)
+        if key not in self._queued:
+            self._queued.add(key)
+            self._ready.append(key)
+
+    def _set_timer(self, run: LiveRun, when: float) -> None:
+        if run.timer is not None:
+            if (
+                run.timer.when()
+                <= asyncio.get_running_loop().time() + when - self.clock()
+            ):
+                return  # an earlier timer will scan the run anyway
+            run.timer.cancel()
+        delay = max(0.0, when - self.clock())
+        loop = asyncio.get_running_loop()
+        run.timer = loop.call_later(delay, self._on_timer, run.run_id)
+
+    def _on_timer(self, run_id: str) -> None:
+        run = self.runs.get(run_id)
+        if run is None or self._stopping:
+            return
+        run.timer = None
+        events = decide.start_attempt(run.state, self.clock())
+        if events:
+            self._spawn(self._record(run, events))
+        self._scan(run)
+        self._pump()
+
+    def _finish(self, run: LiveRun) -> None:
+        state = run.state
+        self.runs.pop(run.run_id, None)
+        if run.timer is not None:
+            run.timer.cancel()
+        if run.host is not None:
+            run.host.hosted.discard(run.run_id)
+            if run.host.alive:
+                run.host.conn.send({"op": "drop", "run": run.run_id})
+        counter = state.status.value
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        self._notify(run.run_id)
+        logger.debug("run %s %s", run.run_id, counter)
+
+    def _notify(self, run_id: str) -> None:
+        for waiter in self._waiters.pop(run_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # Workflow activations.
+
+    def _activate(self, run: LiveRun) -> None:
+        if run.activating or run.state.status is not RunStatus.RUNNING:
+            return
+        host = run.host
+        full = host is None or not host.alive
+        if full:
+            host = self._pick_host()
+            if host is None:
+                return  # no worker yet; activated when one connects
+            run.host = host
+            host.hosted.add(run.run_id)
+            events = run.history
+        else:
+            events = run.outbox
+        assert host is not None
+        run.outbox = []
+        run.activating = True
+        host.conn.send(
+            {
+                "op": "activate",
+                "run": run.run_id,
+                "workflow": run.state.workflow,
+                "args": run.state.args,
+                "full": full,
+                "events": [codec.encode_dict(e) for e in events],
+            }
+        )
+
+    def _pick_host(self) -> WorkerHandle | None:
+        workers = self.pool.workers
+        if not workers:
+            return None
+        return min(workers, key=lambda w: len(w.hosted))
+
+    def _on_commands(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        run = self.runs.get(msg["run"])
+        if run is None or run.host is not worker:
+            return  # finished or re-hosted meanwhile; that host will answer
+        run.activating = False
+        commands = [decode_command(c) for c in msg["commands"]]
+        events = decide.on_commands(run.state, commands, self.clock())
+        self.stats.tasks_reused += sum(
+            1 for c in commands if type(c).__name__ == "ReuseResult"
+        )
+        if events:
+            self._spawn(self._record(run, events))
+        elif run.outbox:
+            self._activate(run)
+
+    def _on_diverged(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        run = self.runs.get(msg["run"])
+        if run is None or run.host is not worker:
+            return
+        run.activating = False
+        worker.hosted.discard(run.run_id)
+        run.host = None
+        error = decode_error(msg["error"])
+        logger.error(
+            "run %s parked: %s. Deploy fixed code, then `coda resume %s` or "
+            "restart `coda run`",
+            run.run_id,
+            error.message,
+            run.run_id,
+        )
+        self.stats.parked += 1
+        self._spawn(self._record(run, decide.park(run.state, error, self.clock())))
+
+    # Tasks.
+
+    def _pump(self) -> None:
+        """Start due steps on workers with room: one commit, then send them."""
+        if self._stopping or not self._ready:
+            return
+        now = self.clock()
+        starts: list[tuple[WorkerHandle, LiveRun, StepState]] = []
+        events: list[Event] = []
+        workers = [w for w in self.pool.workers if w.alive]
+        while self._ready and workers:
+            worker = min(workers, key=lambda w: len(w.tries))
+            if len(worker.tries) >= self.max_tries_per_worker:
+                break
+            key = self._ready.popleft()
+            self._queued.discard(key)
+            run = self.runs.get(key[0])
+            step = run.state.steps.get((key[1], key[2])) if run else None
+            if (
+                run is None
+                or step is None
+                or step not in decide.due_steps(run.state, now)
+            ):
+                continue
+            started = decide.start_task(run.state, step, worker.name, now)
+            run.history += started
+            events += started
+            worker.tries[(run.run_id, step.attempt, step.step, step.try_number)] = (
+                now + step.timeout if step.timeout else None
+            )
+            starts.append((worker, run, step))
+        if starts:
+            self._spawn(self._dispatch(events, starts))
+
+    async def _dispatch(
+        self, events: list[Event], starts: list[tuple[WorkerHandle, LiveRun, StepState]]
+    ) -> None:
+        try:
+            await self._commit(events)
+        except JournalError as exc:
+            logger.error("could not record task starts: %s", exc)
+            for worker, run, step in starts:
+                worker.tries.pop(
+                    (run.run_id, step.attempt, step.step, step.try_number), None
+                )
+                await self._reload(run)
+            return
+        for worker, run, step in starts:
+            key = (run.run_id, step.attempt, step.step, step.try_number)
+            if not worker.alive or key not in worker.tries:
+                continue  # lost meanwhile: the loss rescheduled it
+            worker.conn.send(
+                {
+                    "op": "task",
+                    "run": run.run_id,
+                    "attempt": step.attempt,
+                    "step": step.step,
+                    "try": step.try_number,
+                    "task": step.task,
+                    "args": step.args,
+                }
+            )
+            self.stats.tasks_dispatched += 1
+        faults.crash_point("supervisor.after_dispatch")
+
+    def _on_outcome(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        key: TryKey = (msg["run"], msg["attempt"], msg["step"], msg["try"])
+        if worker.tries.pop(key, "missing") == "missing":
+            return  # a try this worker no longer owns (timed out, say)
+        run = self.runs.get(key[0])
+        if run is not None:
+            now = self.clock()
+            if msg.get("ok"):
+                events = decide.on_task_result(
+                    run.state, *key[1:], msg.get("result"), now
+                )
+            else:
+                error = decode_error(msg.get("error"))
+                events = decide.on_task_failure(run.state, *key[1:], error, now)
+            self._spawn(self._record(run, events))
+        self._pump()
+
+    def _on_worker_message(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op == "outcome":
+            self._on_outcome(worker, msg)
+        elif op == "commands":
+            self._on_commands(worker, msg)
+        elif op == "diverged":
+            self._on_diverged(worker, msg)
+        else:
+            logger.warning("worker %s sent unknown message %r", worker.name, op)
+
+    async def _on_worker_lost(self, worker: WorkerHandle) -> None:
+        self.stats.workers_lost += 1
+        now = self.clock()
+        touched: dict[str, LiveRun] = {}
+        for (run_id, attempt, step_no, try_number), _ in list(worker.tries.items()):
+            run = self.runs.get(run_id)
+            if run is None:
+                continue
+            step = run.state.steps.get((attempt, step_no))
+            task = step.task if step else "?"
+            if worker.lost_reason.startswith("timeout"):
+                error = ErrorInfo.from_exception(TaskTimeout(worker.lost_reason))
+            else:
+                error = decide.lost_worker_error(task, worker.lost_reason)
+            events = decide.on_task_failure(
+                run.state, attempt, step_no, try_number, error, now
+            )
+            run.history += events
+            run.outbox += [e for e in events if _feeds(e)]
+            touched[run_id] = run
+            await self._commit_quietly(events)
+        worker.tries.clear()
+        for run_id in list(worker.hosted):
+            run = self.runs.get(run_id)
+            if run is not None and run.host is worker:
+                run.host = None
+                run.activating = False
+                touched[run_id] = run
+        worker.hosted.clear()
+        for run in touched.values():
+            self._after_change(run)
+        # Runs that wait for any worker to host them.
+        for run in list(self.runs.values()):
+            if run.host is None and run.state.status is RunStatus.RUNNING:
+                self._activate(run)
+
+    async def _commit_quietly(self, events: list[Event]) -> None:
+        try:
+            await self._commit(events)
+        except JournalError:
+            logger.exception("could not record a lost worker's tries")
+
+    async def _watch_timeouts(self) -> None:
+        """Kill workers whose tries run past their timeout (a hung loop included)."""
+        while True:
+            await asyncio.sleep(0.2)
+            now = self.clock()
+            for worker in list(self.pool.workers):
+                late = [
+                    k
+                    for k, deadline in worker.tries.items()
+                    if deadline and deadline < now
+                ]
+                if late and worker.alive:
+                    run_id, attempt, step_no, _ = late[0]
+                    run = self.runs.get(run_id)
+                    step = run.state.steps.get((attempt, step_no)) if run else None
+                    task = step.task if step else "?"
+                    logger.warning(
+                        "task %s of run %s ran past its timeout; killing worker %s",
+                        task,
+                        run_id,
+                        worker.name,
+                    )
+                    self.pool.kill(worker, f"timeout: task {task} ran past its timeout")
+
+    # What clients ask for.
+
+    async def submit(
+        self, workflow: str, args: dict[str, Any], run_id: str
+    ) -> tuple[str, bool]:
+        """Start a run, or find the run with this id; (run id, created)."""
+        definition = self.registry.workflow(workflow)
+        while True:
+            if run_id in self.runs:
+                return run_id, False
+            pending = self._submitting.get(run_id)
+            if pending is None:
+                break
+            await asyncio.shield(pending)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._submitting[run_id] = done
+        try:
+            if await self.journal.run(run_id) is not None:
+                return run_id, False
+            state, events = decide.new_run(
+                run_id, definition.name, args, definition.policy, self.clock()
+            )
+            run = LiveRun(state, [])
+            self.runs[run_id] = run
+            await self._record(run, events)
+            self.stats.submitted += 1
+            return run_id, True
+        finally:
+            del self._submitting[run_id]
+            done.set_result(None)
+
+    async def wait(self, run_id: str) -> None:
+        """Return once the run is finished or parked."""
+        run = self.runs.get(run_id)
+        if run is None or run.state.status is RunStatus.PARKED:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(run_id, []).append(waiter)
+        await waiter
+
+    async def cancel(self, run_id: str, reason: str) -> bool:
+        run = self.runs.get(run_id)
+        if run is None:
+            return False
+        return await self._record(run, decide.cancel(run.state, reason, self.clock()))
+
+    async def reopen(self, run_id: str, reason: str) -> bool:
+        """Retry a failed or cancelled run, or resume a parked one."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            events = decide.resume(run.state, reason, self.clock())
+            return bool(events) and await self._record(run, events)
+        history = await self.journal.history(run_id)
+        if not history:
+            return False
+        state = fold(history)
+        assert state is not None
+        events = decide.retry_run(state, reason, self.clock())
+        if not events:
+            return False
+        run = LiveRun(state, history)
+        self.runs[run_id] = run
+        return await self._record(run, events)
+
+    def live_runs(self) -> Iterable[LiveRun]:
+        return self.runs.values()
