@@ -3,13 +3,21 @@
 A value is checked where it is produced (a submission's arguments, a task's
 arguments, a task's or workflow's result), before anything is written, so that a
 `datetime` in an argument is refused with its path named instead of failing half
-way through a run. Tuples and non-string keys are refused rather than silently
-turned into lists and strings: a value that changes on a round trip through the
-journal would make replay see something other than the live run did.
+way through a run. Tuples, non-string keys and subclasses of the JSON types (an
+`IntEnum`, a `StrEnum`, an `OrderedDict`) are refused rather than silently turned
+into lists, strings and plain dicts: a value that changes on a round trip through
+the journal would make replay see something other than the live run did.
+
+What the journal's encoder cannot store is refused here too, with its path:
+integers outside 64 bits, strings holding lone surrogates (`os.fsdecode` makes
+those from undecodable file names), and values nested more than `MAX_DEPTH`
+levels deep. Above `MAX_DEPTH` the encoder gives up (an event wraps the value in
+a few levels of its own), so the limit is set well below its 254 levels.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, TypeAlias
 
@@ -20,8 +28,10 @@ from coda.errors import ValueNotJSON, ValueTooLarge
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "JSON",
+    "MAX_DEPTH",
     "check_json",
     "check_size",
+    "check_value",
     "dumps",
     "loads",
 ]
@@ -31,41 +41,98 @@ JSON: TypeAlias = Any
 
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 
+MAX_DEPTH = 128
+"""Lists and dicts nested deeper than this are refused."""
+
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+# A position inside a value, built only when an error needs it: (parent, key),
+# where key is a list index or a dict key; None is the value itself.
+_Where: TypeAlias = "tuple[_Where, int | str] | None"
+
 
 def check_json(value: object, where: str) -> None:
-    """Raise `ValueNotJSON` naming the path of the first non-JSON part of `value`."""
-    # Iterative, so that deeply nested values cannot hit the recursion limit.
-    stack: list[tuple[object, str]] = [(value, where)]
+    """Raise `ValueNotJSON` naming the path of the first non-JSON part of `value`.
+
+    `where` names the value (`args of task t`); a path inside it is appended in
+    JSON notation: `args of task t["event_data"]["received"]`.
+    """
+    # Iterative, so that deeply nested values cannot hit the recursion limit;
+    # children are pushed in reverse so that the first bad part is reported.
+    stack: list[tuple[object, _Where, int]] = [(value, None, 0)]
     while stack:
-        item, path = stack.pop()
-        if item is None or isinstance(item, (str, bool)):
+        item, at, depth = stack.pop()
+        kind = type(item)
+        if item is None or kind is bool:
             continue
-        if isinstance(item, int):
-            if type(item) is not int:
-                raise ValueNotJSON(_not_json(path, item))
-            continue
-        if isinstance(item, float):
-            if type(item) is not float:
-                raise ValueNotJSON(_not_json(path, item))
-            if not math.isfinite(item):
+        if kind is str:
+            _check_str(item, where, at)  # type: ignore[arg-type]
+        elif kind is int:
+            if not _INT_MIN <= item <= _INT_MAX:  # type: ignore[operator]
                 raise ValueNotJSON(
-                    f"{path}: {item!r} is not a JSON value (JSON has no NaN or "
-                    "infinity)"
+                    f"{_path(where, at)}: integer {item} is outside the 64-bit range "
+                    "the journal stores (pass it as a string)"
                 )
-            continue
-        if type(item) is list:
-            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
-            continue
-        if type(item) is dict:
-            for k, v in item.items():
-                if not isinstance(k, str):
-                    raise ValueNotJSON(
-                        f"{path}: key {k!r} is a {type(k).__name__}; JSON object "
-                        "keys must be str"
-                    )
-                stack.append((v, f"{path}[{k!r}]"))
-            continue
-        raise ValueNotJSON(_not_json(path, item))
+        elif kind is float:
+            if not math.isfinite(item):  # type: ignore[arg-type]
+                raise ValueNotJSON(
+                    f"{_path(where, at)}: {item!r} is not a JSON value (JSON has no "
+                    "NaN or infinity)"
+                )
+        elif kind is list or kind is dict:
+            if depth >= MAX_DEPTH:
+                raise ValueNotJSON(
+                    f"{_path(where, at)}: nested more than {MAX_DEPTH} levels deep; "
+                    "the journal refuses deeper values"
+                )
+            if kind is list:
+                children = list(enumerate(item))  # type: ignore[arg-type]
+            else:
+                children = list(item.items())  # type: ignore[attr-defined]
+                for key, _ in children:
+                    if type(key) is not str:
+                        raise ValueNotJSON(
+                            f"{_path(where, at)}: key {key!r} is a "
+                            f"{type(key).__name__}; JSON object keys must be str"
+                        )
+                    _check_str(key, where, at, is_key=True)
+            stack.extend((v, (at, k), depth + 1) for k, v in reversed(children))
+        else:
+            raise ValueNotJSON(_not_json(_path(where, at), item))
+
+
+def _check_str(text: str, where: str, at: _Where, is_key: bool = False) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        what = "key" if is_key else "str"
+        raise ValueNotJSON(
+            f"{_path(where, at)}: {what} {text!r} holds a lone surrogate and is not "
+            "valid Unicode text (decode the bytes it came from properly)"
+        ) from None
+
+
+def _path(where: str, at: _Where) -> str:
+    keys: list[int | str] = []
+    while at is not None:
+        at, key = at
+        keys.append(key)
+    return where + "".join(f"[{_quote(key)}]" for key in reversed(keys))
+
+
+def _quote(key: int | str) -> str:
+    if isinstance(key, int):
+        return str(key)
+    try:
+        return json.dumps(key, ensure_ascii=False).encode("utf-8").decode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(key)  # a lone surrogate: escape it
+
+
+_JSON_TYPES = (str, int, float, list, dict)
 
 
 def _not_json(path: str, item: object) -> str:
@@ -77,8 +144,12 @@ def _not_json(path: str, item: object) -> str:
         hint = " (pass item.isoformat())"
     elif isinstance(item, (set, frozenset)):
         hint = " (use a sorted list)"
-    elif isinstance(item, bytes):
+    elif isinstance(item, (bytes, bytearray)):
         hint = " (decode it or base64-encode it)"
+    else:
+        base = next((b for b in _JSON_TYPES if isinstance(item, b)), None)
+        if base is not None:
+            hint = f" (a subclass of {base.__name__}; pass a plain {base.__name__})"
     return f"{path}: {kind} is not a JSON value{hint}"
 
 
@@ -91,6 +162,16 @@ def check_size(
             f"{where}: {len(encoded)} bytes encoded, over the limit of {limit} bytes; "
             "store large payloads elsewhere and pass a reference"
         )
+
+
+def check_value(
+    value: object, where: str, limit: int = DEFAULT_MAX_VALUE_BYTES
+) -> bytes:
+    """`check_json`, then `check_size`: a value fit for the journal, encoded."""
+    check_json(value, where)
+    encoded = dumps(value)
+    check_size(encoded, where, limit)
+    return encoded
 
 
 def dumps(value: JSON) -> bytes:
