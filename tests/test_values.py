@@ -73,8 +73,10 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=25,
 )
 
@@ -103,11 +105,16 @@ lookalikes = (
 )
 almost_json = st.recursive(
     json_scalars | lookalikes,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(
-        st.text(max_size=6) | st.integers(0, 3) | st.just("\udc80") | st.just(Mode.FAST),
-        inner,
-        max_size=4,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=6)
+            | st.integers(0, 3)
+            | st.just("\udc80")
+            | st.just(Mode.FAST),
+            inner,
+            max_size=4,
+        )
     ),
     max_leaves=25,
 )
