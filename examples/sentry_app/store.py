@@ -77,10 +77,32 @@ def connect(db_path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection]:
         sqlite3.connect(db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     ) as conn:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _ensure_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(_SCHEMA)
         yield conn
+
+
+def _ensure_wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode once; a no-op when it already is.
+
+    Switching a file to WAL needs an exclusive lock, and SQLite may answer
+    "database is locked" at once, without waiting out the busy timeout, when
+    several processes open a fresh file together. So the switch is retried
+    until the timeout; usually another process has made it meanwhile.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if str(mode).lower() == "wal":
+            return
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
 
 
 def store_event(
