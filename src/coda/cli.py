@@ -83,6 +83,11 @@ JsonOpt = Annotated[
 ]
 
 
+def _print_json(value: Any) -> None:
+    # Not through rich: a JSON line must never be wrapped or styled.
+    sys.stdout.write(orjson.dumps(value).decode() + "\n")
+
+
 def _fail(message: str, code: int) -> NoReturn:
     err.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
@@ -243,7 +248,10 @@ def submit(
 
     new_id, summary = _with_client(journal, address, token, work)
     if summary is None:
-        out.print(json.dumps({"run_id": new_id}) if as_json else new_id)
+        if as_json:
+            _print_json({"run_id": new_id})
+        else:
+            out.print(new_id)
         return
     _print_summary(summary, as_json)
     if summary["status"] != "completed":
@@ -252,7 +260,7 @@ def submit(
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        out.print(orjson.dumps(summary).decode())
+        _print_json(summary)
         return
     out.print(f"run {summary['run_id']} {summary['status']}")
     if summary["status"] == "completed":
@@ -379,7 +387,7 @@ def list_runs(
         from coda.runtime.server import summary_dict
 
         for summary in runs:
-            out.print(orjson.dumps(summary_dict(summary)).decode())
+            _print_json(summary_dict(summary))
         return
     table = Table(
         "run", "workflow", "status", "attempt", "events", "submitted", "updated"
