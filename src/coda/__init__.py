@@ -8,6 +8,7 @@ from workflow code with `coda.context.spawn_task`, and run them with `coda run`
 from coda import context
 from coda.definitions import Registry, TaskDef, WorkflowDef, task, workflow
 from coda.driver import LocalRunner
+from coda.runtime.client import Client, SyncClient
 from coda.errors import (
     CodaError,
     NondeterminismError,
@@ -24,6 +25,7 @@ from coda.errors import (
 )
 
 __all__ = [
+    "Client",
     "CodaError",
     "LocalRunner",
     "NondeterminismError",
@@ -32,6 +34,7 @@ __all__ = [
     "RunFailedError",
     "RunNotFound",
     "RunParkedError",
+    "SyncClient",
     "TaskDef",
     "TaskError",
     "TaskTimeout",
