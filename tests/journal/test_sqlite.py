@@ -1,0 +1,912 @@
+"""The SQLite journal: round trips, group commit, failures, projections, versions."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import coda.journal.sqlite as sqlite_journal
+from coda.errors import JournalError, JournalVersionError, RunNotFound
+from coda.journal.codec import decode
+from coda.journal.events import (
+    EVENT_TYPES,
+    AttemptFailed,
+    AttemptStarted,
+    ErrorInfo,
+    Event,
+    RetryPolicy,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    RunParked,
+    RunResumed,
+    RunRetried,
+    RunSubmitted,
+    SideEffectRecorded,
+    TaskCompleted,
+    TaskFailed,
+    TaskReused,
+    TaskScheduled,
+    TaskStarted,
+)
+from coda.journal.sqlite import SQLiteJournal, read_history_sync, read_runs_sync
+from coda.state import fold
+
+BOOM = ErrorInfo(type="ValueError", message="boom", types=("ValueError", "Exception"))
+
+
+def run_async(path: Path, body: Callable[[SQLiteJournal], Awaitable[Any]]) -> Any:
+    """Open the journal at `path`, run `body` with it, close it."""
+
+    async def main() -> Any:
+        journal = await SQLiteJournal.open(path)
+        try:
+            return await body(journal)
+        finally:
+            await journal.close()
+
+    return asyncio.run(main())
+
+
+def submitted(run_id: str, workflow: str = "wf", at: float = 100.0) -> RunSubmitted:
+    return RunSubmitted(run_id=run_id, seq=0, at=at, workflow=workflow, args={"n": 1})
+
+
+def step(cls: type[Event], run_id: str, seq: int, **fields: Any) -> Event:
+    return cls(run_id=run_id, seq=seq, at=100.0 + seq, **fields)
+
+
+def completed_run(run_id: str) -> list[Event]:
+    """A short legal history that ends completed."""
+    return [
+        submitted(run_id),
+        step(AttemptStarted, run_id, 1, attempt=1),
+        step(RunCompleted, run_id, 2, attempt=1, result=run_id),
+    ]
+
+
+def every_event_type(run_id: str) -> list[Event]:
+    """One event of each type, with non-default fields (not a legal history)."""
+    policy = RetryPolicy(max_retries=3, retry_on=("OSError",), backoff=0.5)
+    kinds: list[Event] = [
+        RunSubmitted(
+            run_id=run_id,
+            seq=0,
+            at=1.5,
+            workflow="w",
+            args={"a": [1, 2]},
+            policy=policy,
+        ),
+        AttemptStarted(run_id=run_id, seq=1, at=2.0, attempt=1),
+        TaskScheduled(
+            run_id=run_id,
+            seq=2,
+            at=3.0,
+            attempt=1,
+            step=0,
+            task="t",
+            args={"x": None},
+            cache_key=["k", 1],
+            policy=policy,
+            timeout=9.5,
+        ),
+        TaskStarted(run_id=run_id, seq=3, at=4.0, attempt=1, step=0, try_number=1),
+        TaskFailed(
+            run_id=run_id,
+            seq=4,
+            at=5.0,
+            attempt=1,
+            step=0,
+            try_number=1,
+            error=BOOM,
+            retry_at=6.0,
+        ),
+        TaskCompleted(
+            run_id=run_id,
+            seq=5,
+            at=6.0,
+            attempt=1,
+            step=0,
+            try_number=2,
+            result={"ok": True},
+            cache_key=["k", 1],
+        ),
+        SideEffectRecorded(
+            run_id=run_id, seq=6, at=7.0, attempt=1, step=1, kind="uuid4", value="u"
+        ),
+        AttemptFailed(
+            run_id=run_id, seq=7, at=8.0, attempt=1, error=BOOM, retry_at=9.0
+        ),
+        TaskReused(
+            run_id=run_id,
+            seq=8,
+            at=9.0,
+            attempt=2,
+            step=0,
+            task="t",
+            cache_key=["k", 1],
+            result={"ok": True},
+            from_attempt=1,
+        ),
+        RunParked(run_id=run_id, seq=9, at=10.0, attempt=2, error=BOOM),
+        RunResumed(run_id=run_id, seq=10, at=11.0, reason="fixed"),
+        RunFailed(run_id=run_id, seq=11, at=12.0, error=BOOM),
+        RunRetried(run_id=run_id, seq=12, at=13.0, reason="again"),
+        RunCancelled(run_id=run_id, seq=13, at=14.0, reason="enough"),
+        RunCompleted(run_id=run_id, seq=14, at=15.0, attempt=3, result=[1, "two"]),
+    ]
+    return kinds
+
+
+def file_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def ro_count(path: Path, run_id: str) -> int:
+    """Events of a run as another connection sees them (committed ones only)."""
+    conn = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        return int(
+            conn.execute(
+                "SELECT count(*) FROM history WHERE run_id = ?", (run_id,)
+            ).fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
+# -- round trip -----------------------------------------------------------------
+
+
+def test_every_event_type_round_trips(tmp_path: Path) -> None:
+    events = every_event_type("r1")
+    assert {type(e).__name__ for e in events} == set(EVENT_TYPES)
+
+    async def body(journal: SQLiteJournal) -> list[Event]:
+        await journal.append(events)
+        return await journal.history("r1")
+
+    assert run_async(tmp_path / "j.db", body) == events
+    # And through the synchronous, read-only reader, by prefix.
+    assert read_history_sync(tmp_path / "j.db", "r") == events
+
+
+def test_history_of_unknown_run_is_empty(tmp_path: Path) -> None:
+    async def body(journal: SQLiteJournal) -> list[Event]:
+        await journal.append(completed_run("a"))
+        return await journal.history("b")
+
+    assert run_async(tmp_path / "j.db", body) == []
+
+
+def test_appending_nothing_writes_nothing(tmp_path: Path) -> None:
+    async def body(journal: SQLiteJournal) -> int:
+        await journal.append([])
+        return journal.commits
+
+    assert run_async(tmp_path / "j.db", body) == 0
+
+
+# -- group commit ---------------------------------------------------------------
+
+
+def test_concurrent_appends_are_batched_and_released_after_commit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.db"
+    runs, steps = 100, 10
+    not_visible: list[tuple[str, int]] = []
+
+    async def caller(journal: SQLiteJournal, run_id: str) -> None:
+        await journal.append([submitted(run_id)])
+        await journal.append([step(AttemptStarted, run_id, 1, attempt=1)])
+        for seq in range(2, steps + 2):
+            event = step(
+                SideEffectRecorded,
+                run_id,
+                seq,
+                attempt=1,
+                step=seq - 2,
+                kind="now",
+                value=seq,
+            )
+            await journal.append([event])
+            # Released only once committed: another connection must see it.
+            if ro_count(path, run_id) != seq + 1:
+                not_visible.append((run_id, seq))
+
+    async def body(journal: SQLiteJournal) -> tuple[int, dict[str, list[Event]]]:
+        await asyncio.gather(*(caller(journal, f"run-{i:03}") for i in range(runs)))
+        return journal.commits, await journal.unfinished()
+
+    commits, histories = run_async(path, body)
+    assert not_visible == []
+    calls = runs * (steps + 2)
+    assert len(histories) == runs
+    assert all(len(h) == steps + 2 for h in histories.values())
+    assert all([e.seq for e in h] == list(range(steps + 2)) for h in histories.values())
+    # Many calls shared each transaction.
+    assert commits < calls / 5, (commits, calls)
+
+
+def test_calls_queued_together_share_one_transaction(tmp_path: Path) -> None:
+    async def body(journal: SQLiteJournal) -> tuple[int, int]:
+        await journal.append([submitted("first")])
+        before = journal.commits
+        await asyncio.gather(*(journal.append([submitted(f"r{i}")]) for i in range(50)))
+        return before, journal.commits
+
+    before, after = run_async(tmp_path / "j.db", body)
+    assert after - before == 1
+
+
+def test_close_commits_what_is_queued(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+
+    async def main() -> None:
+        journal = await SQLiteJournal.open(path)
+        appends = [
+            asyncio.ensure_future(journal.append(completed_run(f"r{i}")))
+            for i in range(20)
+        ]
+        await asyncio.sleep(0)  # the appends are queued
+        await journal.close()
+        await asyncio.gather(*appends)
+        with pytest.raises(JournalError, match="closed"):
+            await journal.append(completed_run("late"))
+
+    asyncio.run(main())
+    assert len(read_runs_sync(path)) == 20
+
+
+# -- failures -------------------------------------------------------------------
+
+
+def test_duplicate_position_fails_only_its_call(tmp_path: Path) -> None:
+    async def body(journal: SQLiteJournal) -> tuple[list[Any], int, int]:
+        await journal.append(completed_run("taken"))
+        before = journal.commits
+        bad = [step(RunRetried, "taken", 2, reason="dup")]
+        calls = [completed_run(f"good-{i}") for i in range(40)]
+        calls.insert(17, bad)
+        outcomes = await asyncio.gather(
+            *(journal.append(c) for c in calls), return_exceptions=True
+        )
+        # Still usable afterwards.
+        await journal.append([step(RunRetried, "taken", 3, reason="ok")])
+        return outcomes, journal.commits - before, len(await journal.history("taken"))
+
+    outcomes, commits, taken_events = run_async(tmp_path / "j.db", body)
+    error = outcomes.pop(17)
+    assert isinstance(error, JournalError)
+    assert "#2 of run taken is already taken" in str(error)
+    assert "nothing of this append was written" in str(error)
+    assert outcomes == [None] * 40
+    # The good calls committed in a few transactions, not one each.
+    assert commits < 15
+    assert taken_events == 4
+    runs = read_runs_sync(tmp_path / "j.db", limit=1000)
+    assert len(runs) == 41
+    assert all(r.status == "completed" for r in runs if r.run_id != "taken")
+
+
+def test_a_call_is_all_or_nothing(tmp_path: Path) -> None:
+    async def body(journal: SQLiteJournal) -> tuple[list[Event], Any]:
+        await journal.append([submitted("r")])
+        # The second event repeats the position of the first.
+        with pytest.raises(JournalError, match="repeats a position of its own"):
+            await journal.append(
+                [
+                    step(AttemptStarted, "r", 1, attempt=1),
+                    step(RunFailed, "r", 1, error=BOOM),
+                ]
+            )
+        return await journal.history("r"), await journal.run("r")
+
+    history, summary = run_async(tmp_path / "j.db", body)
+    assert [type(e) for e in history] == [RunSubmitted]
+    assert (summary.status, summary.attempt, summary.events) == ("pending", 0, 1)
+
+
+def test_unknown_run_and_double_submission_are_refused(tmp_path: Path) -> None:
+    async def body(journal: SQLiteJournal) -> None:
+        await journal.append([submitted("known")])
+        with pytest.raises(JournalError, match="no RunSubmitted for run ghost"):
+            await journal.append([step(AttemptStarted, "ghost", 1, attempt=1)])
+        with pytest.raises(JournalError, match="submitted already"):
+            await journal.append(
+                [RunSubmitted(run_id="known", seq=5, at=1.0, workflow="w", args={})]
+            )
+        assert await journal.run("ghost") is None
+        assert (await journal.run("known")).events == 1  # type: ignore[union-attr]
+
+    run_async(tmp_path / "j.db", body)
+
+
+def test_a_submission_after_other_events_of_the_run_waits_for_the_next_batch(
+    tmp_path: Path,
+) -> None:
+    # Sequentially, the first call fails (the run does not exist yet) and the
+    # second succeeds; queued together they must behave the same.
+    async def body(journal: SQLiteJournal) -> tuple[Any, ...]:
+        return await asyncio.gather(
+            journal.append([step(AttemptStarted, "late", 1, attempt=1)]),
+            journal.append([submitted("late")]),
+            return_exceptions=True,
+        )
+
+    first, second = run_async(tmp_path / "j.db", body)
+    assert isinstance(first, JournalError)
+    assert second is None
+
+
+def test_bad_event_fields_are_refused_before_queueing(tmp_path: Path) -> None:
+    async def body(journal: SQLiteJournal) -> None:
+        with pytest.raises(JournalError, match="non-empty str"):
+            await journal.append([submitted("")])
+        with pytest.raises(JournalError, match="cannot be encoded"):
+            await journal.append(
+                [
+                    RunSubmitted(
+                        run_id="r", seq=0, at=1.0, workflow="w", args={"x": object()}
+                    )
+                ]
+            )
+        assert journal.commits == 0
+
+    run_async(tmp_path / "j.db", body)
+
+
+def test_disk_full_fails_with_a_clear_error_and_keeps_the_journal(
+    tmp_path: Path,
+) -> None:
+    async def body(journal: SQLiteJournal) -> None:
+        await journal.append(completed_run("before"))
+        writer = journal._writer  # the only way to make SQLite report SQLITE_FULL
+        assert writer is not None
+        (pages,) = next(iter(await writer.execute_fetchall("PRAGMA page_count")))
+        await writer.execute(f"PRAGMA max_page_count = {pages + 2}")
+
+        big = [submitted("big")] + [
+            step(
+                SideEffectRecorded,
+                "big",
+                i,
+                attempt=1,
+                step=i,
+                kind="random",
+                value="x" * 2000,
+            )
+            for i in range(1, 200)
+        ]
+        small = [step(RunRetried, "before", 3, reason="fits")]
+        big_outcome, small_outcome = await asyncio.gather(
+            journal.append(big), journal.append(small), return_exceptions=True
+        )
+        assert isinstance(big_outcome, JournalError)
+        message = str(big_outcome)
+        assert "disk is full" in message
+        assert f"free space on {journal.path.parent}" in message
+        assert "nothing of this append was written" in message
+        assert small_outcome is None  # a smaller call still fitted
+
+        assert await journal.history("big") == []
+        assert await journal.run("big") is None
+        assert len(await journal.history("before")) == 4
+        assert await journal.integrity_problems() == []
+
+        await writer.execute("PRAGMA max_page_count = 1073741823")
+        await journal.append(big)
+        assert len(await journal.history("big")) == 200
+
+    run_async(tmp_path / "j.db", body)
+
+
+# -- projections ----------------------------------------------------------------
+
+
+def test_projection_follows_a_completed_run(tmp_path: Path) -> None:
+    key = ["fetch", {"url": "u"}]
+    history: list[Event] = [
+        submitted("r", workflow="orders", at=50.0),
+        step(AttemptStarted, "r", 1, attempt=1),
+        step(
+            TaskScheduled,
+            "r",
+            2,
+            attempt=1,
+            step=0,
+            task="fetch",
+            args={},
+            cache_key=key,
+        ),
+        step(TaskStarted, "r", 3, attempt=1, step=0, try_number=1),
+        step(
+            TaskCompleted,
+            "r",
+            4,
+            attempt=1,
+            step=0,
+            try_number=1,
+            result={"body": "hi"},
+            cache_key=key,
+        ),
+        step(RunCompleted, "r", 5, attempt=1, result={"total": 3}),
+    ]
+    expected = [
+        ("pending", 0),
+        ("running", 1),
+        ("running", 1),
+        ("running", 1),
+        ("running", 1),
+        ("completed", 1),
+    ]
+
+    async def body(journal: SQLiteJournal) -> None:
+        for index, event in enumerate(history):
+            await journal.append([event])
+            summary = await journal.run("r")
+            assert summary is not None
+            assert (summary.status, summary.attempt) == expected[index]
+            assert summary.events == index + 1
+            assert summary.updated_at == event.at
+            assert summary.submitted_at == 50.0
+            assert summary.workflow == "orders"
+            state = fold(history[: index + 1])
+            assert state is not None and state.status.value == summary.status
+            if index < 4:
+                with pytest.raises(KeyError):
+                    await journal.cached_result("r", key)
+        assert await journal.cached_result("r", key) == {"body": "hi"}
+        with pytest.raises(KeyError):
+            await journal.cached_result("r", ["other"])
+        summary = await journal.run("r")
+        assert summary is not None
+        assert summary.result == {"total": 3}
+        assert summary.error is None
+
+    run_async(tmp_path / "j.db", body)
+
+
+def failing_history(run_id: str) -> list[Event]:
+    return [
+        submitted(run_id),
+        step(AttemptStarted, run_id, 1, attempt=1),
+        step(AttemptFailed, run_id, 2, attempt=1, error=BOOM, retry_at=200.0),
+        step(AttemptStarted, run_id, 3, attempt=2),
+        step(RunParked, run_id, 4, attempt=2, error=BOOM),
+        step(RunResumed, run_id, 5, reason="fixed"),
+        step(AttemptFailed, run_id, 6, attempt=2, error=BOOM),
+        step(RunFailed, run_id, 7, error=BOOM),
+        step(RunRetried, run_id, 8, reason="again"),
+        step(AttemptStarted, run_id, 9, attempt=3),
+        step(RunCancelled, run_id, 10, reason="stop"),
+    ]
+
+
+def test_projection_follows_failures_parking_and_retries(tmp_path: Path) -> None:
+    history = failing_history("r")
+    expected = [
+        ("pending", 0, False),
+        ("running", 1, False),
+        ("retrying", 1, True),
+        ("running", 2, True),
+        ("parked", 2, True),
+        ("running", 2, False),
+        ("running", 2, True),
+        ("failed", 2, True),
+        ("pending", 2, False),
+        ("running", 3, False),
+        ("cancelled", 3, False),
+    ]
+
+    async def body(journal: SQLiteJournal) -> None:
+        for index, event in enumerate(history):
+            await journal.append([event])
+            summary = await journal.run("r")
+            assert summary is not None
+            status, attempt, has_error = expected[index]
+            assert (summary.status, summary.attempt) == (status, attempt), index
+            assert (summary.error == BOOM) is has_error, index
+            state = fold(history[: index + 1])
+            assert state is not None
+            assert (state.status.value, state.attempt) == (status, attempt)
+
+    run_async(tmp_path / "j.db", body)
+
+
+def test_projection_is_the_same_when_events_share_a_batch(tmp_path: Path) -> None:
+    # One call per event, all queued at once: they land in one transaction and
+    # the projection must add up as if they had been appended one by one.
+    history = failing_history("r")
+    key = ["k"]
+    cached = [
+        submitted("c"),
+        step(AttemptStarted, "c", 1, attempt=1),
+        step(
+            TaskScheduled, "c", 2, attempt=1, step=0, task="t", args={}, cache_key=key
+        ),
+        step(TaskStarted, "c", 3, attempt=1, step=0, try_number=1),
+        step(
+            TaskCompleted,
+            "c",
+            4,
+            attempt=1,
+            step=0,
+            try_number=1,
+            result=1,
+            cache_key=key,
+        ),
+        step(
+            TaskScheduled, "c", 5, attempt=1, step=1, task="t", args={}, cache_key=key
+        ),
+        step(TaskStarted, "c", 6, attempt=1, step=1, try_number=1),
+        step(
+            TaskCompleted,
+            "c",
+            7,
+            attempt=1,
+            step=1,
+            try_number=1,
+            result=2,
+            cache_key=key,
+        ),
+    ]
+
+    async def body(journal: SQLiteJournal) -> tuple[Any, Any, Any, int]:
+        await asyncio.gather(*(journal.append([e]) for e in history + cached))
+        return (
+            await journal.run("r"),
+            await journal.run("c"),
+            await journal.cached_result("c", key),
+            journal.commits,
+        )
+
+    r, c, cached_result, commits = run_async(tmp_path / "j.db", body)
+    assert commits == 1
+    assert (r.status, r.attempt, r.events, r.error) == ("cancelled", 3, 11, None)
+    assert r.updated_at == history[-1].at
+    assert (c.status, c.events) == ("running", 8)
+    assert cached_result == 2  # the latest completion wins
+
+
+def test_runs_lists_newest_first_with_filters(tmp_path: Path) -> None:
+    async def body(journal: SQLiteJournal) -> None:
+        for i in range(6):
+            workflow = "even" if i % 2 == 0 else "odd"
+            events: list[Event] = [submitted(f"r{i}", workflow=workflow, at=10.0 + i)]
+            if i < 3:
+                events.append(step(AttemptStarted, f"r{i}", 1, attempt=1))
+            await journal.append(events)
+        assert [r.run_id for r in await journal.runs()] == [
+            "r5",
+            "r4",
+            "r3",
+            "r2",
+            "r1",
+            "r0",
+        ]
+        assert [r.run_id for r in await journal.runs(limit=2)] == ["r5", "r4"]
+        assert [r.run_id for r in await journal.runs(status="running")] == [
+            "r2",
+            "r1",
+            "r0",
+        ]
+        assert [r.run_id for r in await journal.runs(workflow="odd")] == [
+            "r5",
+            "r3",
+            "r1",
+        ]
+        assert [
+            r.run_id for r in await journal.runs(status="pending", workflow="even")
+        ] == ["r4"]
+
+    run_async(tmp_path / "j.db", body)
+
+
+def test_unfinished_returns_whole_histories_of_active_runs(tmp_path: Path) -> None:
+    async def body(journal: SQLiteJournal) -> dict[str, list[Event]]:
+        await journal.append(completed_run("done"))
+        await journal.append(failing_history("cancelled"))
+        await journal.append(failing_history("parked")[:5])
+        await journal.append(completed_run("running")[:2])
+        await journal.append([submitted("pending")])
+        return await journal.unfinished()
+
+    histories = run_async(tmp_path / "j.db", body)
+    assert sorted(histories) == ["parked", "pending", "running"]
+    assert histories["parked"] == failing_history("parked")[:5]
+    assert histories["running"] == completed_run("running")[:2]
+
+
+def test_unfinished_reads_only_unfinished_runs_through_indexes(tmp_path: Path) -> None:
+    run_async(tmp_path / "j.db", lambda j: j.append(completed_run("x")))
+    conn = sqlite3.connect(tmp_path / "j.db")
+    conn.execute("ANALYZE")  # as a big journal would look to the planner
+    plan = conn.execute(
+        "EXPLAIN QUERY PLAN " + sqlite_journal._UNFINISHED_HISTORIES,
+        sqlite_journal._UNFINISHED,
+    ).fetchall()
+    conn.close()
+    details = [row[-1] for row in plan]
+    assert any("runs_by_status" in d for d in details), details
+    assert any("events_by_run" in d for d in details), details
+    assert not any(d.startswith("SCAN") for d in details), details
+    assert not any("TEMP B-TREE" in d for d in details), details
+
+
+# -- reading ---------------------------------------------------------------------
+
+
+def test_resolve_by_id_and_prefix(tmp_path: Path) -> None:
+    async def body(journal: SQLiteJournal) -> None:
+        for run_id in ("abc123", "abc124", "abd999", "abc12"):
+            await journal.append([submitted(run_id)])
+        assert await journal.resolve("abd999") == "abd999"
+        assert await journal.resolve("abd") == "abd999"
+        assert await journal.resolve("abc123") == "abc123"
+        # An exact id wins even when it is also a prefix of other ids.
+        assert await journal.resolve("abc12") == "abc12"
+        with pytest.raises(RunNotFound, match="ambiguous") as info:
+            await journal.resolve("abc")
+        assert "abc123" in str(info.value) and "abc124" in str(info.value)
+        with pytest.raises(RunNotFound, match="no run with id or id prefix 'zz'"):
+            await journal.resolve("zz")
+        with pytest.raises(RunNotFound):
+            await journal.resolve("")
+
+    run_async(tmp_path / "j.db", body)
+
+
+def test_readers_in_other_connections_never_see_locks(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    errors: list[BaseException] = []
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(len(read_history_sync(path, "busy")))
+                seen.append(len(read_runs_sync(path, limit=5)))
+            except BaseException as exc:  # collected for the assert
+                errors.append(exc)
+                return
+
+    async def body(journal: SQLiteJournal) -> None:
+        await journal.append([submitted("busy")])
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            for seq in range(1, 300):
+                await journal.append(
+                    [
+                        step(
+                            SideEffectRecorded,
+                            "busy",
+                            seq,
+                            attempt=1,
+                            step=seq,
+                            kind="now",
+                            value=seq,
+                        )
+                    ]
+                )
+                await asyncio.gather(
+                    *(journal.append([submitted(f"other-{seq}-{i}")]) for i in range(3))
+                )
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+
+    run_async(path, body)
+    assert errors == []
+    assert len(seen) > 20
+    assert max(seen) > 1  # the readers did see the history grow
+
+
+def test_readonly_journal_reads_but_refuses_appends(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    run_async(path, lambda j: j.append(completed_run("r")))
+    before = file_bytes(path)
+
+    async def main() -> None:
+        journal = await SQLiteJournal.open(path, readonly=True)
+        try:
+            assert len(await journal.history("r")) == 3
+            with pytest.raises(JournalError, match="read-only"):
+                await journal.append([submitted("x")])
+        finally:
+            await journal.close()
+
+    asyncio.run(main())
+    assert file_bytes(path) == before
+
+
+def test_synchronous_mode_is_applied_and_checked(tmp_path: Path) -> None:
+    async def main() -> None:
+        for mode, value in (("FULL", 2), ("normal", 1), ("OFF", 0)):
+            journal = await SQLiteJournal.open(tmp_path / "j.db", synchronous=mode)
+            assert journal._writer is not None
+            rows = await journal._writer.execute_fetchall("PRAGMA synchronous")
+            assert next(iter(rows))[0] == value
+            rows = await journal._writer.execute_fetchall("PRAGMA journal_mode")
+            assert next(iter(rows))[0] == "wal"
+            await journal.close()
+        with pytest.raises(ValueError, match="synchronous"):
+            await SQLiteJournal.open(tmp_path / "j.db", synchronous="SOMETIMES")
+
+    asyncio.run(main())
+
+
+# -- versions and foreign files -------------------------------------------------
+
+
+def test_a_newer_journal_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    run_async(path, lambda j: j.append(completed_run("r")))
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    before = file_bytes(path)
+
+    async def main() -> None:
+        for readonly in (False, True):
+            with pytest.raises(JournalVersionError) as info:
+                await SQLiteJournal.open(path, readonly=readonly)
+            message = str(info.value)
+            assert "schema version 99" in message
+            assert f"version {len(sqlite_journal.MIGRATIONS)} this Coda" in message
+            assert "upgrade Coda" in message
+
+    asyncio.run(main())
+    with pytest.raises(JournalVersionError):
+        read_history_sync(path, "r")
+    assert file_bytes(path) == before
+
+
+def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"these are my notes, not a journal\n" * 200)
+    before = file_bytes(path)
+    with pytest.raises(JournalError, match="not a SQLite database"):
+        asyncio.run(SQLiteJournal.open(path))
+    with pytest.raises(JournalError, match="not a SQLite database"):
+        read_runs_sync(path)
+    assert file_bytes(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_another_applications_database_is_refused_and_left_untouched(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    before = file_bytes(path)
+    with pytest.raises(JournalError, match=r"not a Coda journal.*users"):
+        asyncio.run(SQLiteJournal.open(path))
+    assert file_bytes(path) == before
+
+
+def test_missing_journal_is_refused_when_reading(tmp_path: Path) -> None:
+    with pytest.raises(JournalError, match="does not exist"):
+        asyncio.run(SQLiteJournal.open(tmp_path / "nope.db", readonly=True))
+    with pytest.raises(JournalError, match="does not exist"):
+        read_history_sync(tmp_path / "nope.db", "r")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_file_is_migrated_to_the_current_schema(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    path.touch()
+    events = completed_run("r")
+
+    async def body(journal: SQLiteJournal) -> list[Event]:
+        await journal.append(events)
+        return await journal.history("r")
+
+    assert run_async(path, body) == events
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(
+        sqlite_journal.MIGRATIONS
+    )
+    conn.close()
+
+
+def test_an_older_journal_is_migrated_in_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.db"
+    run_async(path, lambda j: j.append(completed_run("old")))
+    current = len(sqlite_journal.MIGRATIONS)
+
+    # A later version whose second statement fails: nothing of it may remain.
+    broken = (
+        "CREATE TABLE notes (run_id TEXT)",
+        "ALTER TABLE no_such_table ADD COLUMN x",
+    )
+    monkeypatch.setattr(
+        sqlite_journal, "MIGRATIONS", (*sqlite_journal.MIGRATIONS, broken)
+    )
+    with pytest.raises(JournalError, match=f"left at version {current}"):
+        asyncio.run(SQLiteJournal.open(path))
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == current
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert "notes" not in tables
+    conn.close()
+
+    # Reading an older journal without migrating it is refused with advice.
+    with pytest.raises(JournalError, match="open it read-write once"):
+        read_history_sync(path, "old")
+
+    working = (
+        "CREATE TABLE notes (run_id TEXT)",
+        "INSERT INTO notes SELECT run_id FROM runs",
+    )
+    monkeypatch.setattr(
+        sqlite_journal, "MIGRATIONS", (*sqlite_journal.MIGRATIONS[:current], working)
+    )
+    assert run_async(path, lambda j: j.history("old")) == completed_run("old")
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == current + 1
+    assert conn.execute("SELECT run_id FROM notes").fetchall() == [("old",)]
+    conn.close()
+
+
+# -- integrity ------------------------------------------------------------------
+
+
+def test_integrity_problems_finds_gaps_and_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    run_async(path, lambda j: j.append(completed_run("a") + completed_run("b")))
+    assert run_async(path, lambda j: j.integrity_problems()) == []
+
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "DELETE FROM events WHERE seq = 1 AND rk = (SELECT rk FROM runs"
+        " WHERE run_id = 'b')"
+    )
+    conn.commit()
+    conn.close()
+    before = file_bytes(path)
+
+    async def main() -> list[str]:
+        journal = await SQLiteJournal.open(path, readonly=True)
+        try:
+            return await journal.integrity_problems()
+        finally:
+            await journal.close()
+
+    problems = asyncio.run(main())
+    assert file_bytes(path) == before
+    assert any("run b" in p and "#0..#2" in p and "without gaps" in p for p in problems)
+    assert any("run b" in p and "counts 3 events" in p for p in problems)
+    assert not any("run a" in p for p in problems)
+
+
+def test_stored_body_is_the_codec_json(tmp_path: Path) -> None:
+    events = completed_run("r")
+    run_async(tmp_path / "j.db", lambda j: j.append(events))
+    conn = sqlite3.connect(tmp_path / "j.db")
+    rows = conn.execute(
+        "SELECT seq, type, body FROM history WHERE run_id = 'r' ORDER BY seq"
+    ).fetchall()
+    conn.close()
+    assert [(seq, kind) for seq, kind, _ in rows] == [
+        (e.seq, type(e).__name__) for e in events
+    ]
+    assert [decode(body) for _, _, body in rows] == events
