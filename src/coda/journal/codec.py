@@ -8,13 +8,16 @@ One event is one JSON object:
 `v` is the version of this form. Readers accept every version up to
 `FORMAT_VERSION` and refuse a newer one with a clear error instead of guessing.
 Fields added in later versions have defaults, so an old object still loads; keys
-a reader does not know are ignored. This same form is what `coda history --json`
-prints, one object a line, and what the replay test helpers read back.
+a reader does not know are ignored. Values are read strictly: a field of the
+wrong JSON type is a malformed event, never converted (a string `cache_key`
+must not quietly become a list of its letters). This same form is what
+`coda history --json` prints, one object a line, and what the replay test
+helpers read back.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import cattrs
 import orjson
@@ -28,6 +31,51 @@ __all__ = ["FORMAT_VERSION", "decode", "decode_dict", "encode", "encode_dict"]
 FORMAT_VERSION = 1
 
 _converter = make_converter()
+
+
+# Strict structuring: cattrs would otherwise call int(), str(), list() and
+# tuple() on whatever it finds, turning corruption into plausible events.
+
+
+def _exact(kind: type, convert: type | None = None) -> Any:
+    def structure(value: Any, _: Any) -> Any:
+        ok = type(value) is kind or (kind is float and type(value) is int)
+        if not ok:
+            raise TypeError(f"expected {kind.__name__}, found {value!r}")
+        return convert(value) if convert else value
+
+    return structure
+
+
+_converter.register_structure_hook(str, _exact(str))
+_converter.register_structure_hook(int, _exact(int))
+_converter.register_structure_hook(float, _exact(float, float))
+
+
+def _structure_list(value: Any, cls: Any) -> Any:
+    if type(value) is not list:
+        raise TypeError(f"expected a list, found {value!r}")
+    item = get_args(cls)[0]  # list[X] and tuple[X, ...] are the only kinds used
+    items = [_converter.structure(v, item) for v in value]
+    return tuple(items) if get_origin(cls) is tuple else items
+
+
+def _structure_dict(value: Any, cls: Any) -> Any:
+    if type(value) is not dict:
+        raise TypeError(f"expected an object, found {value!r}")
+    key_type, value_type = get_args(cls)
+    return {
+        _converter.structure(k, key_type): _converter.structure(v, value_type)
+        for k, v in value.items()
+    }
+
+
+_converter.register_structure_hook_func(
+    lambda cls: get_origin(cls) in (list, tuple), _structure_list
+)
+_converter.register_structure_hook_func(
+    lambda cls: get_origin(cls) is dict, _structure_dict
+)
 
 
 def encode_dict(event: Event) -> dict[str, Any]:
@@ -44,9 +92,9 @@ def decode_dict(obj: dict[str, Any]) -> Event:
     """Rebuild an event from its JSON object; refuse unknown versions and types."""
     version = obj.get("v")
     kind = obj.get("type")
-    if not isinstance(version, int) or not isinstance(kind, str):
+    if type(version) is not int or version < 1 or not isinstance(kind, str):
         raise JournalError(
-            f"not a Coda event (no integer 'v' and string 'type'): {_preview(obj)}"
+            f"not a Coda event (no version 'v' >= 1 and string 'type'): {_preview(obj)}"
         )
     if version > FORMAT_VERSION:
         raise JournalVersionError(
@@ -60,7 +108,12 @@ def decode_dict(obj: dict[str, Any]) -> Event:
         )
     try:
         return _converter.structure(obj, cls)
-    except (cattrs.BaseValidationError, KeyError, TypeError, ValueError) as exc:
+    except cattrs.BaseValidationError as exc:
+        problems = "; ".join(cattrs.transform_error(exc))
+        raise JournalError(
+            f"malformed {kind} event {_preview(obj)}: {problems}"
+        ) from exc
+    except (KeyError, TypeError, ValueError) as exc:
         raise JournalError(f"malformed {kind} event {_preview(obj)}: {exc}") from exc
 
 
