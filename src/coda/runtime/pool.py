@@ -46,6 +46,11 @@ class WorkerHandle:
     hosted: set[str] = attrs.field(factory=set)
     alive: bool = True
     lost_reason: str = ""
+    # The try we killed this worker for (past its timeout), if we did.
+    killed_for: TryKey | None = None
+    # Running a suspect try alone: no other try is sent here meanwhile.
+    exclusive: bool = False
+    last_pong: float = attrs.field(factory=time.monotonic)
 
     @property
     def pid(self) -> int:
@@ -182,9 +187,12 @@ class WorkerPool:
         if not self._closing and len(self.workers) < self.size:
             await self._spawn()
 
-    def kill(self, handle: WorkerHandle, reason: str) -> None:
-        """Kill a worker (hung, or past a try's timeout); it is then lost."""
+    def kill(
+        self, handle: WorkerHandle, reason: str, culprit: TryKey | None = None
+    ) -> None:
+        """Kill a worker (hung, or `culprit` past its timeout); it is then lost."""
         handle.lost_reason = reason
+        handle.killed_for = culprit
         with contextlib.suppress(ProcessLookupError):
             handle.process.send_signal(signal.SIGKILL)
 

@@ -47,7 +47,7 @@ import attrs
 
 from coda import decide
 from coda.definitions import Registry
-from coda.errors import CodaError, JournalError, TaskTimeout
+from coda.errors import CodaError, Interrupted, JournalError, TaskTimeout
 from coda.journal import codec
 from coda.journal.base import Journal
 from coda.journal.events import (
@@ -68,6 +68,14 @@ from coda.state import IllegalEvent, RunState, RunStatus, StepState, StepStatus,
 __all__ = ["Supervisor"]
 
 logger = logging.getLogger(__name__)
+
+
+def _is_due(state: RunState, step: StepState, now: float) -> bool:
+    if step.attempt != state.attempt or state.status.finished:
+        return False
+    if step.status is StepStatus.SCHEDULED:
+        return True
+    return step.status is StepStatus.BACKOFF and (step.retry_at or 0.0) <= now
 
 
 def _feeds(event: Event) -> bool:
@@ -120,8 +128,14 @@ class Supervisor:
         clock: Callable[[], float] = time.time,
         worker_env: dict[str, str] | None = None,
         log_level: str = "WARNING",
+        default_task_timeout: float | None = 300.0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
     ) -> None:
         self.journal = journal
+        self.default_task_timeout = default_task_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
         self.registry = registry
         self.clock = clock
         self.max_tries_per_worker = max_tries_per_worker
@@ -139,6 +153,8 @@ class Supervisor:
         # Steps waiting for a worker with room, in the order they became due.
         self._ready: collections.deque[tuple[str, int, int]] = collections.deque()
         self._queued: set[tuple[str, int, int]] = set()
+        # Steps whose last try died with others on one worker: they run alone.
+        self._suspects: set[tuple[str, int, int]] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._submitting: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -279,7 +295,9 @@ class Supervisor:
                     step = state.steps[(event.attempt, event.step)]
                     if step.status is StepStatus.SCHEDULED:
                         self._queue(run, step)
-                elif (isinstance(event, TaskFailed) and event.retry_at is not None) or (isinstance(event, AttemptFailed) and event.retry_at is not None):
+                elif (isinstance(event, TaskFailed) and event.retry_at is not None) or (
+                    isinstance(event, AttemptFailed) and event.retry_at is not None
+                ):
                     self._set_timer(run, event.retry_at)
         if run.outbox or (state.status is RunStatus.RUNNING and run.host is None):
             self._activate(run)
@@ -421,34 +439,53 @@ class Supervisor:
     # Tasks.
 
     def _pump(self) -> None:
-        """Start due steps on workers with room: one commit, then send them."""
+        """Start due steps on workers with room: one commit, then send them.
+
+        A suspect step (it was on a worker that died with other tries) runs
+        alone on a worker, so that a task that kills its worker is found out
+        and charged, and the tasks that merely shared the worker are not.
+        """
         if self._stopping or not self._ready:
             return
         now = self.clock()
         starts: list[tuple[WorkerHandle, LiveRun, StepState]] = []
         events: list[Event] = []
-        workers = [w for w in self.pool.workers if w.alive]
-        while self._ready and workers:
-            worker = min(workers, key=lambda w: len(w.tries))
-            if len(worker.tries) >= self.max_tries_per_worker:
+        deferred: list[tuple[str, int, int]] = []
+        while self._ready:
+            open_workers = [
+                w
+                for w in self.pool.workers
+                if w.alive
+                and not w.exclusive
+                and len(w.tries) < self.max_tries_per_worker
+            ]
+            if not open_workers:
                 break
             key = self._ready.popleft()
-            self._queued.discard(key)
             run = self.runs.get(key[0])
             step = run.state.steps.get((key[1], key[2])) if run else None
-            if (
-                run is None
-                or step is None
-                or step not in decide.due_steps(run.state, now)
-            ):
+            if run is None or step is None or not _is_due(run.state, step, now):
+                self._queued.discard(key)
                 continue
+            if key in self._suspects:
+                idle = [w for w in open_workers if not w.tries]
+                if not idle:
+                    deferred.append(key)
+                    continue
+                worker = idle[0]
+                worker.exclusive = True
+            else:
+                worker = min(open_workers, key=lambda w: len(w.tries))
+            self._queued.discard(key)
             started = decide.start_task(run.state, step, worker.name, now)
             run.history += started
             events += started
+            timeout = step.timeout or self.default_task_timeout
             worker.tries[(run.run_id, step.attempt, step.step, step.try_number)] = (
-                now + step.timeout if step.timeout else None
+                now + timeout if timeout else None
             )
             starts.append((worker, run, step))
+        self._ready.extendleft(reversed(deferred))
         if starts:
             self._spawn(self._dispatch(events, starts))
 
@@ -487,6 +524,9 @@ class Supervisor:
         key: TryKey = (msg["run"], msg["attempt"], msg["step"], msg["try"])
         if worker.tries.pop(key, "missing") == "missing":
             return  # a try this worker no longer owns (timed out, say)
+        if worker.exclusive:
+            worker.exclusive = False
+            self._suspects.discard(key[:3])
         run = self.runs.get(key[0])
         if run is not None:
             now = self.clock()
@@ -508,31 +548,60 @@ class Supervisor:
             self._on_commands(worker, msg)
         elif op == "diverged":
             self._on_diverged(worker, msg)
+        elif op == "pong":
+            worker.last_pong = time.monotonic()
         else:
             logger.warning("worker %s sent unknown message %r", worker.name, op)
 
     async def _on_worker_lost(self, worker: WorkerHandle) -> None:
+        """Reschedule a dead worker's tries and re-host its runs.
+
+        Who pays: a try we killed for running past its timeout fails with
+        `TaskTimeout`; the others we killed with it were innocent and are
+        interrupted for free. A worker that died on its own (a crash, running
+        out of memory, a hung loop) charges every try it ran against that
+        task's lost-worker budget; when it ran several, each becomes a suspect
+        and runs alone next time, so that the next crash names the culprit.
+        """
         self.stats.workers_lost += 1
         now = self.clock()
+        tries = list(worker.tries)
+        worker.tries.clear()
         touched: dict[str, LiveRun] = {}
-        for (run_id, attempt, step_no, try_number), _ in list(worker.tries.items()):
+        batch: list[Event] = []
+        for key in tries:
+            run_id, attempt, step_no, try_number = key
             run = self.runs.get(run_id)
             if run is None:
                 continue
             step = run.state.steps.get((attempt, step_no))
             task = step.task if step else "?"
-            if worker.lost_reason.startswith("timeout"):
+            if worker.killed_for == key:
                 error = ErrorInfo.from_exception(TaskTimeout(worker.lost_reason))
+            elif worker.killed_for is not None:
+                error = ErrorInfo.from_exception(
+                    Interrupted(
+                        f"worker {worker.name} was replaced: {worker.lost_reason}"
+                    )
+                )
             else:
                 error = decide.lost_worker_error(task, worker.lost_reason)
+                if len(tries) > 1:
+                    self._suspects.add(key[:3])
             events = decide.on_task_failure(
                 run.state, attempt, step_no, try_number, error, now
             )
             run.history += events
             run.outbox += [e for e in events if _feeds(e)]
+            batch += events
             touched[run_id] = run
-            await self._commit_quietly(events)
-        worker.tries.clear()
+        if batch:
+            try:
+                await self._commit(batch)
+            except JournalError:
+                logger.exception("could not record the lost worker's tries")
+                for run in touched.values():
+                    await self._reload(run)
         for run_id in list(worker.hosted):
             run = self.runs.get(run_id)
             if run is not None and run.host is worker:
@@ -541,7 +610,7 @@ class Supervisor:
                 touched[run_id] = run
         worker.hosted.clear()
         for run in touched.values():
-            self._after_change(run)
+            self._after_change(run, None)
         # Runs that wait for any worker to host them.
         for run in list(self.runs.values()):
             if run.host is None and run.state.status is RunStatus.RUNNING:
@@ -554,28 +623,59 @@ class Supervisor:
             logger.exception("could not record a lost worker's tries")
 
     async def _watch_timeouts(self) -> None:
-        """Kill workers whose tries run past their timeout (a hung loop included)."""
+        """Kill workers that hang: a try past its timeout, or no heartbeat.
+
+        A plain-def task stuck in a loop shows as a try past its timeout; an
+        `async def` task that blocks the worker's event loop also stops the
+        worker answering pings.
+        """
+        last_ping = 0.0
         while True:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
             now = self.clock()
+            mono = time.monotonic()
+            ping = mono - last_ping >= self.heartbeat_interval
+            if ping:
+                last_ping = mono
             for worker in list(self.pool.workers):
+                if not worker.alive or worker.killed_for is not None:
+                    continue
                 late = [
                     k
                     for k, deadline in worker.tries.items()
                     if deadline and deadline < now
                 ]
-                if late and worker.alive:
-                    run_id, attempt, step_no, _ = late[0]
-                    run = self.runs.get(run_id)
-                    step = run.state.steps.get((attempt, step_no)) if run else None
-                    task = step.task if step else "?"
+                if late:
+                    self._kill_for_timeout(worker, late[0])
+                elif mono - worker.last_pong > self.heartbeat_timeout:
                     logger.warning(
-                        "task %s of run %s ran past its timeout; killing worker %s",
-                        task,
-                        run_id,
+                        "worker %s answered no heartbeat for %.1fs; killing it",
                         worker.name,
+                        mono - worker.last_pong,
                     )
-                    self.pool.kill(worker, f"timeout: task {task} ran past its timeout")
+                    self.pool.kill(
+                        worker,
+                        f"unresponsive: no heartbeat for {self.heartbeat_timeout:.0f}s",
+                    )
+                elif ping:
+                    worker.conn.send({"op": "ping"})
+
+    def _kill_for_timeout(self, worker: WorkerHandle, key: TryKey) -> None:
+        run_id, attempt, step_no, _ = key
+        run = self.runs.get(run_id)
+        step = run.state.steps.get((attempt, step_no)) if run else None
+        task = step.task if step else "?"
+        timeout = (step.timeout if step else None) or self.default_task_timeout
+        logger.warning(
+            "task %s of run %s ran past its timeout of %ss; replacing worker %s",
+            task,
+            run_id,
+            timeout,
+            worker.name,
+        )
+        self.pool.kill(
+            worker, f"task {task} ran past its timeout of {timeout}s", culprit=key
+        )
 
     # What clients ask for.
 

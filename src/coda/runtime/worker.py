@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import faulthandler
 import logging
 import os
@@ -69,6 +70,8 @@ class Worker:
                 self._activate(msg)
             elif op == "drop":
                 self.instances.pop(msg["run"], None)
+            elif op == "ping":
+                self.conn.send({"op": "pong"})
             else:
                 logger.warning("worker %s ignores unknown message %r", self.name, op)
 
@@ -76,6 +79,7 @@ class Worker:
 
     def _activate(self, msg: dict[str, Any]) -> None:
         run_id = msg["run"]
+        faults.crash_point("worker.activation")
         try:
             events = [codec.decode_dict(e) for e in msg["events"]]
             instance = self.instances.get(run_id)
@@ -180,10 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     faulthandler.enable()
     sys.path.insert(0, os.getcwd())
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(args.fd, args.app, args.name, args.threads))
-    except KeyboardInterrupt:
-        pass
     # Skip interpreter teardown: stuck task threads would otherwise hold us here.
     sys.stdout.flush()
     sys.stderr.flush()
