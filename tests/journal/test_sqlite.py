@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-import coda.journal.sqlite as sqlite_journal
+import coda.journal._sqlite_schema as schema
 from coda.errors import JournalError, JournalVersionError, RunNotFound
 from coda.journal.codec import decode
 from coda.journal.events import (
@@ -630,8 +630,8 @@ def test_unfinished_reads_only_unfinished_runs_through_indexes(tmp_path: Path) -
     conn = sqlite3.connect(tmp_path / "j.db")
     conn.execute("ANALYZE")  # as a big journal would look to the planner
     plan = conn.execute(
-        "EXPLAIN QUERY PLAN " + sqlite_journal._UNFINISHED_HISTORIES,
-        sqlite_journal._UNFINISHED,
+        "EXPLAIN QUERY PLAN " + schema.UNFINISHED_HISTORIES,
+        schema.UNFINISHED,
     ).fetchall()
     conn.close()
     details = [row[-1] for row in plan]
@@ -685,7 +685,7 @@ def test_readers_in_other_connections_never_see_locks(tmp_path: Path) -> None:
         for thread in threads:
             thread.start()
         try:
-            for seq in range(1, 300):
+            for seq in range(1, 120):
                 await journal.append(
                     [
                         step(
@@ -764,7 +764,7 @@ def test_a_newer_journal_is_refused_and_left_untouched(tmp_path: Path) -> None:
                 await SQLiteJournal.open(path, readonly=readonly)
             message = str(info.value)
             assert "schema version 99" in message
-            assert f"version {len(sqlite_journal.MIGRATIONS)} this Coda" in message
+            assert f"version {len(schema.MIGRATIONS)} this Coda" in message
             assert "upgrade Coda" in message
 
     asyncio.run(main())
@@ -820,9 +820,7 @@ def test_an_empty_file_is_migrated_to_the_current_schema(tmp_path: Path) -> None
 
     assert run_async(path, body) == events
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(
-        sqlite_journal.MIGRATIONS
-    )
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(schema.MIGRATIONS)
     conn.close()
 
 
@@ -831,16 +829,14 @@ def test_an_older_journal_is_migrated_in_one_transaction(
 ) -> None:
     path = tmp_path / "j.db"
     run_async(path, lambda j: j.append(completed_run("old")))
-    current = len(sqlite_journal.MIGRATIONS)
+    current = len(schema.MIGRATIONS)
 
     # A later version whose second statement fails: nothing of it may remain.
     broken = (
         "CREATE TABLE notes (run_id TEXT)",
         "ALTER TABLE no_such_table ADD COLUMN x",
     )
-    monkeypatch.setattr(
-        sqlite_journal, "MIGRATIONS", (*sqlite_journal.MIGRATIONS, broken)
-    )
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, broken))
     with pytest.raises(JournalError, match=f"left at version {current}"):
         asyncio.run(SQLiteJournal.open(path))
     conn = sqlite3.connect(path)
@@ -857,9 +853,7 @@ def test_an_older_journal_is_migrated_in_one_transaction(
         "CREATE TABLE notes (run_id TEXT)",
         "INSERT INTO notes SELECT run_id FROM runs",
     )
-    monkeypatch.setattr(
-        sqlite_journal, "MIGRATIONS", (*sqlite_journal.MIGRATIONS[:current], working)
-    )
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS[:current], working))
     assert run_async(path, lambda j: j.history("old")) == completed_run("old")
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == current + 1

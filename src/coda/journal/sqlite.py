@@ -7,11 +7,13 @@ global order in which events were committed; `(rk, seq)` is unique and names an
 event's position in its run's history; `body` is the event's JSON form from
 `coda.journal.codec` (a BLOB; `CAST(body AS TEXT)` in the sqlite3 shell). `rk`
 is the run's small integer key from `runs`, not its text id: rows go in at the
-end of the table and the index entries of the runs that are active now sit close
-together, so a transaction that touches a thousand runs dirties tens of pages
-rather than a thousand. That is most of the difference between 40,000 and well
-over 100,000 events a second at `synchronous=FULL`. The `history` view shows
-events with their text run ids, for people reading the file by hand.
+end of the table, and the index entries of the runs active now are small and
+sit close together. Clustered by text run id instead, a transaction touching a
+thousand runs rewrites a thousand full pages: with raw SQLite at
+`synchronous=FULL` that measured about 40,000 events a second against about
+130,000 this way. The `history` view shows events with their text run ids, for
+people reading the file by hand. Statements and migrations are in
+`coda.journal._sqlite_schema`.
 
 Two projections are kept in the same transaction as the events they come from,
 so that they can never disagree with the history:
@@ -72,20 +74,20 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import orjson
 
-from coda.errors import InternalError, JournalError, JournalVersionError, RunNotFound
+from coda.errors import InternalError, JournalError
+from coda.journal import _sqlite_schema as schema
+from coda.journal._sqlite_schema import read_history_sync, read_runs_sync
 from coda.journal.base import RunSummary
 from coda.journal.codec import decode, encode
 from coda.journal.events import (
     AttemptFailed,
     AttemptStarted,
-    ErrorInfo,
     Event,
     RunCompleted,
     RunFailed,
@@ -99,126 +101,30 @@ from coda.journal.events import (
 from coda.state import RunStatus, cache_token, status_after
 from coda.values import dumps, loads
 
-__all__ = ["MIGRATIONS", "SQLiteJournal", "read_history_sync", "read_runs_sync"]
+__all__ = ["SYNCHRONOUS_MODES", "SQLiteJournal", "read_history_sync", "read_runs_sync"]
 
 logger = logging.getLogger(__name__)
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    # 0 -> 1: the first schema.
-    (
-        """CREATE TABLE runs (
-            rk INTEGER PRIMARY KEY AUTOINCREMENT,
-            run_id TEXT NOT NULL UNIQUE,
-            workflow TEXT NOT NULL,
-            status TEXT NOT NULL,
-            attempt INTEGER NOT NULL,
-            submitted_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            events INTEGER NOT NULL,
-            result TEXT,
-            error TEXT)""",
-        "CREATE INDEX runs_by_submitted ON runs (submitted_at)",
-        "CREATE INDEX runs_by_status ON runs (status, submitted_at)",
-        "CREATE INDEX runs_by_workflow ON runs (workflow, submitted_at)",
-        """CREATE TABLE events (
-            id INTEGER PRIMARY KEY,
-            rk INTEGER NOT NULL REFERENCES runs (rk),
-            seq INTEGER NOT NULL,
-            at REAL NOT NULL,
-            type TEXT NOT NULL,
-            body BLOB NOT NULL)""",
-        "CREATE UNIQUE INDEX events_by_run ON events (rk, seq)",
-        """CREATE TABLE task_cache (
-            rk INTEGER NOT NULL REFERENCES runs (rk),
-            cache_key TEXT NOT NULL,
-            result TEXT NOT NULL,
-            attempt INTEGER NOT NULL,
-            step INTEGER NOT NULL,
-            PRIMARY KEY (rk, cache_key)) WITHOUT ROWID""",
-        """CREATE VIEW history AS
-            SELECT r.run_id, e.seq, e.at, e.type, CAST(e.body AS TEXT) AS body, e.id
-            FROM events e JOIN runs r ON r.rk = e.rk""",
-    ),
-)
-"""`MIGRATIONS[v]` holds the statements that take a journal from version v to v+1."""
-
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL")
-BUSY_TIMEOUT = 5.0  # seconds to wait for another process's lock before failing
-_CACHE_PAGES = -65536  # 64 MiB of page cache for the writer (negative: KiB)
-# Checkpoint every ~40 MB of WAL rather than 4 MB: a page rewritten by many
-# commits in between is copied into the database once.
+_CACHE_KIB = 65536  # page cache of the writer
+# Checkpoint every ~40 MB of WAL rather than SQLite's 4 MB: a page rewritten by
+# many commits in between is copied into the database once.
 _WAL_AUTOCHECKPOINT = 10000
-
-_UNFINISHED = tuple(s.value for s in RunStatus if not s.finished)
-_PER_CALL_CODES = {sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_FULL}
-
-_INSERT_RUN = (
-    "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at, updated_at,"
-    " events, result, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_EVENT = (
-    "INSERT INTO events (rk, seq, at, type, body)"
-    " VALUES ((SELECT rk FROM runs WHERE run_id = ?), ?, ?, ?, ?)"
-)
-_UPDATE_RUN = (
-    "UPDATE runs SET status = coalesce(?1, status), attempt = coalesce(?2, attempt),"
-    " updated_at = ?3, events = events + ?4,"
-    " result = CASE WHEN ?5 THEN ?6 ELSE result END,"
-    " error = CASE WHEN ?7 THEN ?8 ELSE error END"
-    " WHERE run_id = ?9"
-)
-_UPSERT_CACHE = (
-    "INSERT INTO task_cache (rk, cache_key, result, attempt, step)"
-    " VALUES ((SELECT rk FROM runs WHERE run_id = ?), ?, ?, ?, ?)"
-    " ON CONFLICT (rk, cache_key) DO UPDATE SET result = excluded.result,"
-    " attempt = excluded.attempt, step = excluded.step"
-)
-_SUMMARY_COLUMNS = (
-    "run_id, workflow, status, attempt, submitted_at, updated_at, events, result, error"
-)
-_HISTORY = (
-    "SELECT body FROM events WHERE rk = (SELECT rk FROM runs WHERE run_id = ?)"
-    " ORDER BY seq"
-)
-_PREFIX = (
-    "SELECT run_id FROM runs WHERE run_id >= ? AND run_id < ? ORDER BY run_id LIMIT 6"
-)
-# Walk the unfinished runs by their status index and seek each one's events.
-# Left to itself, the planner may scan every event instead (it did, once the
-# statistics of a small journal were gathered), so the plan is spelled out.
-_UNFINISHED_HISTORIES = (
-    "SELECT r.run_id, e.seq, e.body FROM runs r INDEXED BY runs_by_status"
-    " CROSS JOIN events e INDEXED BY events_by_run ON e.rk = r.rk"
-    f" WHERE r.status IN ({', '.join('?' * len(_UNFINISHED))})"
-)
-_SEQ_PROBLEMS = (
-    "SELECT r.run_id, r.events, count(e.seq), min(e.seq), max(e.seq)"
-    " FROM runs r LEFT JOIN events e ON e.rk = r.rk GROUP BY r.rk"
-    " HAVING count(e.seq) = 0 OR min(e.seq) != 0 OR max(e.seq) != count(e.seq) - 1"
-    " OR r.events != count(e.seq)"
-)
+_NOTHING = "nothing of this append was written"
 
 
 class _RunDelta:
     """What one append, or a batch of them, changes in one run's `runs` row."""
 
     __slots__ = (
-        "attempt",
-        "count",
-        "error",
-        "error_set",
-        "result",
-        "result_set",
-        "run_id",
-        "status",
-        "submit",
-        "updated_at",
+        *("run_id", "submit", "status", "attempt", "updated_at", "count"),
+        *("result_set", "result", "error_set", "error"),
     )
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.submit: tuple[str, float] | None = None  # (workflow, submitted_at)
-        self.status: str | None = None
+        self.status: str | None = None  # None: unchanged
         self.attempt: int | None = None
         self.updated_at = 0.0
         self.count = 0
@@ -229,11 +135,12 @@ class _RunDelta:
 
     def copy(self) -> _RunDelta:
         other = _RunDelta(self.run_id)
-        other.merge(self)
         other.submit = self.submit
+        other.merge(self)
         return other
 
     def merge(self, later: _RunDelta) -> None:
+        """Apply `later`, the delta of a later call, on top of this one."""
         if later.status is not None:
             self.status = later.status
         if later.attempt is not None:
@@ -245,11 +152,29 @@ class _RunDelta:
         if later.error_set:
             self.error_set, self.error = True, later.error
 
+    def params(self) -> tuple[str, tuple[Any, ...]]:
+        """The statement that applies this delta to the `runs` table, and its row."""
+        if self.submit is not None:
+            workflow, submitted_at = self.submit
+            status = self.status or RunStatus.PENDING.value
+            row = (self.run_id, workflow, status, self.attempt or 0, submitted_at)
+            return schema.INSERT_RUN, (
+                *row,
+                *(self.updated_at, self.count, self.result, self.error),
+            )
+        unchanged = self.status is None and self.attempt is None
+        if unchanged and not (self.result_set or self.error_set):
+            return schema.TOUCH_RUN, (self.updated_at, self.count, self.run_id)
+        return schema.UPDATE_RUN, (
+            *(self.status, self.attempt, self.updated_at, self.count),
+            *(self.result_set, self.result, self.error_set, self.error, self.run_id),
+        )
+
 
 class _Append:
     """One call to `append`: its rows, ready to write, and the caller's future."""
 
-    __slots__ = ("cache_rows", "deltas", "future", "rows")
+    __slots__ = ("cache_rows", "deltas", "future", "rows", "submits")
 
     def __init__(self, events: Sequence[Event]) -> None:
         self.rows: list[tuple[str, int, float, str, bytes]] = []
@@ -258,23 +183,23 @@ class _Append:
         self.future: asyncio.Future[None] | None = None
         for event in events:
             self._add(event)
+        self.submits = [r for r, d in self.deltas.items() if d.submit is not None]
 
     def _add(self, event: Event) -> None:
-        run_id, seq = event.run_id, event.seq
+        run_id, seq, kind = event.run_id, event.seq, type(event).__name__
         if not isinstance(run_id, str) or not run_id or type(seq) is not int or seq < 0:
             raise JournalError(
-                f"cannot append {type(event).__name__} with run_id={run_id!r}, "
-                f"seq={seq!r}: a run id is a non-empty str and a position an int "
-                ">= 0; nothing of this append was written"
+                f"cannot append {kind} with run_id={run_id!r}, seq={seq!r}: a run "
+                f"id is a non-empty str and a position an int >= 0; {_NOTHING}"
             )
         try:
             body = encode(event)
         except (TypeError, ValueError) as exc:
             raise JournalError(
-                f"run {run_id}: event #{seq} {type(event).__name__} cannot be "
-                f"encoded ({exc}); nothing of this append was written"
+                f"run {run_id}: event #{seq} {kind} cannot be encoded ({exc}); "
+                + _NOTHING
             ) from exc
-        self.rows.append((run_id, seq, event.at, type(event).__name__, body))
+        self.rows.append((run_id, seq, event.at, kind, body))
 
         delta = self.deltas.get(run_id)
         if delta is None:
@@ -284,18 +209,11 @@ class _Append:
         status = status_after(event)
         if status is not None:
             delta.status = status.value
-
         if isinstance(event, StepEvent):
             if isinstance(event, TaskCompleted) and event.cache_key is not None:
-                self.cache_rows.append(
-                    (
-                        run_id,
-                        cache_token(event.cache_key),
-                        dumps(event.result).decode(),
-                        event.attempt,
-                        event.step,
-                    )
-                )
+                token, result = cache_token(event.cache_key), dumps(event.result)
+                row = (run_id, token, result.decode(), event.attempt, event.step)
+                self.cache_rows.append(row)
         elif isinstance(event, RunSubmitted):
             delta.submit = (event.workflow, event.at)
         elif isinstance(event, AttemptStarted):
@@ -304,177 +222,17 @@ class _Append:
             delta.result_set, delta.result = True, dumps(event.result).decode()
             delta.error_set, delta.error = True, None
         elif isinstance(event, (RunFailed, RunParked, AttemptFailed)):
-            delta.error_set, delta.error = True, _error_json(event.error)
+            delta.error_set, delta.error = True, schema.error_json(event.error)
         elif isinstance(event, (RunRetried, RunResumed)):
             delta.error_set, delta.error = True, None
 
     def describe(self) -> str:
-        runs = sorted({row[0] for row in self.rows})
-        first, last = self.rows[0][1], self.rows[-1][1]
-        where = (
-            f"run {runs[0]} (#{first}..#{last})"
-            if len(runs) == 1
-            else (f"runs {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}")
-        )
+        runs = sorted(self.deltas)
+        if len(runs) == 1:
+            where = f"run {runs[0]} (#{self.rows[0][1]}..#{self.rows[-1][1]})"
+        else:
+            where = f"runs {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}"
         return f"append of {len(self.rows)} event(s) to {where}"
-
-
-def _error_json(error: ErrorInfo) -> str:
-    return orjson.dumps(
-        {
-            "type": error.type,
-            "message": error.message,
-            "traceback": error.traceback,
-            "types": list(error.types),
-        }
-    ).decode()
-
-
-def _error_from_json(text: str) -> ErrorInfo:
-    obj = orjson.loads(text)
-    return ErrorInfo(
-        type=obj["type"],
-        message=obj["message"],
-        traceback=obj.get("traceback", ""),
-        types=tuple(obj.get("types", ())),
-    )
-
-
-def _summary(row: Sequence[Any]) -> RunSummary:
-    run_id, workflow, status, attempt, submitted, updated, events, result, error = row
-    return RunSummary(
-        run_id=run_id,
-        workflow=workflow,
-        status=status,
-        attempt=attempt,
-        submitted_at=submitted,
-        updated_at=updated,
-        events=events,
-        result=None if result is None else loads(result),
-        error=None if error is None else _error_from_json(error),
-    )
-
-
-def _runs_query(
-    status: str | None, workflow: str | None, limit: int
-) -> tuple[str, list[Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-    if status is not None:
-        where.append("status = ?")
-        params.append(status)
-    if workflow is not None:
-        where.append("workflow = ?")
-        params.append(workflow)
-    sql = f"SELECT {_SUMMARY_COLUMNS} FROM runs"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    params.append(limit)
-    return sql + " ORDER BY submitted_at DESC, rk DESC LIMIT ?", params
-
-
-def _prefix_params(prefix: str) -> tuple[str, str]:
-    # Every string that starts with `prefix` sorts in [prefix, prefix + U+10FFFF).
-    return prefix, prefix + "\U0010ffff"
-
-
-def _pick_run(prefix: str, matches: list[str], path: Path) -> str:
-    if prefix in matches:
-        return prefix
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise RunNotFound(
-            f"no run with id or id prefix {prefix!r} in journal {path}; "
-            "`coda ls` lists the runs"
-        )
-    shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
-    raise RunNotFound(
-        f"run id prefix {prefix!r} is ambiguous in journal {path}: it matches "
-        f"{shown}; give more characters"
-    )
-
-
-def _check_version(
-    path: Path, version: int, tables: list[str], *, migrate: bool
-) -> None:
-    """Refuse a file this code must not open; say why and what to do."""
-    target = len(MIGRATIONS)
-    if version > target:
-        raise JournalVersionError(
-            f"journal {path} has schema version {version}, newer than the version "
-            f"{target} this Coda supports: upgrade Coda to open it (the file was "
-            "left untouched)"
-        )
-    if version == 0 and tables:
-        raise JournalError(
-            f"{path} is a SQLite database but not a Coda journal (it has tables "
-            f"{', '.join(sorted(tables)[:5])} and no schema version); point Coda at "
-            "its own journal file (the file was left untouched)"
-        )
-    if version == 0 and not migrate:
-        raise JournalError(f"journal {path} is empty: no run was ever written to it")
-    if version < target and not migrate:
-        raise JournalError(
-            f"journal {path} has schema version {version}, older than this Coda's "
-            f"{target}; open it read-write once (start the supervisor) to migrate "
-            "it, then read it again"
-        )
-
-
-def _not_a_journal(path: Path, exc: sqlite3.Error) -> JournalError:
-    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
-        return JournalError(
-            f"{path} is not a Coda journal (not a SQLite database: {exc}); point "
-            "Coda at its journal file (the file was left untouched)"
-        )
-    return JournalError(f"cannot open journal {path}: {exc}")
-
-
-def _ro_uri(path: Path) -> str:
-    return path.absolute().as_uri() + "?mode=ro"
-
-
-_LOOK = "PRAGMA user_version"
-_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
-
-
-def _connect_ro_sync(path: Path) -> sqlite3.Connection:
-    if not path.is_file():
-        raise JournalError(f"no journal at {path}: the file does not exist")
-    try:
-        conn = sqlite3.connect(_ro_uri(path), uri=True, timeout=BUSY_TIMEOUT)
-        version = conn.execute(_LOOK).fetchone()[0]
-        tables = [name for (name,) in conn.execute(_TABLES)]
-    except sqlite3.Error as exc:
-        raise _not_a_journal(path, exc) from exc
-    try:
-        _check_version(path, version, tables, migrate=False)
-    except JournalError:
-        conn.close()
-        raise
-    return conn
-
-
-def read_history_sync(path: str | Path, run_id_or_prefix: str) -> list[Event]:
-    """The history of one run, read without an event loop and without write locks."""
-    path = Path(path)
-    with closing(_connect_ro_sync(path)) as conn:
-        rows = conn.execute(_PREFIX, _prefix_params(run_id_or_prefix)).fetchall()
-        run_id = _pick_run(run_id_or_prefix, [r[0] for r in rows], path)
-        return [decode(body) for (body,) in conn.execute(_HISTORY, (run_id,))]
-
-
-def read_runs_sync(
-    path: str | Path,
-    status: str | None = None,
-    workflow: str | None = None,
-    limit: int = 100,
-) -> list[RunSummary]:
-    """`SQLiteJournal.runs`, read without an event loop and without write locks."""
-    with closing(_connect_ro_sync(Path(path))) as conn:
-        sql, params = _runs_query(status, workflow, limit)
-        return [_summary(row) for row in conn.execute(sql, params)]
 
 
 class SQLiteJournal:
@@ -507,10 +265,10 @@ class SQLiteJournal:
         synchronous: str = "FULL",
         readonly: bool = False,
     ) -> SQLiteJournal:
-        """Open (read-write: create or migrate) the journal at `path`.
+        """Open the journal at `path`; read-write creates or migrates it.
 
-        `synchronous` is SQLite's: FULL survives power loss, NORMAL survives a
-        crash of the process but may lose the last commits on power loss, OFF
+        `synchronous` is SQLite's: FULL survives power loss; NORMAL survives a
+        crash of the process but may lose the last commits on power loss; OFF
         is for tests and throwaway journals.
         """
         path = Path(path)
@@ -518,7 +276,7 @@ class SQLiteJournal:
         if mode not in SYNCHRONOUS_MODES:
             raise ValueError(
                 f"synchronous={synchronous!r}: choose one of "
-                f"{', '.join(SYNCHRONOUS_MODES)}"
+                + ", ".join(SYNCHRONOUS_MODES)
             )
         # Look through a read-only connection first: a file this code must not
         # open is refused before anything could write to it.
@@ -527,18 +285,17 @@ class SQLiteJournal:
         writer = None if readonly else await _open_writer(path, mode)
         try:
             reader = await aiosqlite.connect(
-                _ro_uri(path), uri=True, timeout=BUSY_TIMEOUT, isolation_level=None
+                schema.ro_uri(path),
+                uri=True,
+                timeout=schema.BUSY_TIMEOUT,
+                isolation_level=None,
             )
         except sqlite3.Error as exc:
             if writer is not None:
                 await writer.close()
             raise JournalError(f"cannot open journal {path}: {exc}") from exc
-        logger.info(
-            "opened journal %s (%s, synchronous=%s)",
-            path,
-            "read-only" if readonly else "read-write",
-            mode,
-        )
+        access = "read-only" if readonly else f"read-write, synchronous={mode}"
+        logger.info("opened journal %s (%s)", path, access)
         return cls(path, writer, reader)
 
     async def __aenter__(self) -> SQLiteJournal:
@@ -563,7 +320,7 @@ class SQLiteJournal:
                 await self._writer.close()
             logger.info("closed journal %s", self.path)
 
-    # -- appending -------------------------------------------------------------
+    # -- appending ---------------------------------------------------------------
 
     async def append(self, events: Sequence[Event]) -> None:
         """Append events durably; return once they are committed.
@@ -572,12 +329,9 @@ class SQLiteJournal:
         why; the journal stays usable. If the caller is cancelled while waiting,
         its events may still be committed: the history is the truth.
         """
-        if self._closed:
-            raise JournalError(f"journal {self.path} is closed; nothing was written")
-        if self._writer is None:
-            raise JournalError(
-                f"journal {self.path} was opened read-only; nothing was written"
-            )
+        if self._closed or self._writer is None:
+            why = "closed" if self._closed else "opened read-only"
+            raise JournalError(f"journal {self.path} is {why}; nothing was written")
         if not events:
             return
         call = _Append(events)
@@ -602,11 +356,11 @@ class SQLiteJournal:
             try:
                 await self._commit(batch)
             except BaseException as exc:
-                # `_commit` settles every call itself; reaching here is a bug
-                # or the event loop shutting down. Never leave a caller hanging.
+                # `_commit` settles every call itself; reaching here is a bug or
+                # the event loop shutting down. Never leave a caller hanging.
                 error = JournalError(
                     f"appending to journal {self.path} failed unexpectedly "
-                    f"({exc!r}); whether it was written, its history tells"
+                    f"({exc!r}); whether it was written, the history tells"
                 )
                 for call in batch:
                     _settle(call, error)
@@ -628,7 +382,7 @@ class SQLiteJournal:
         seen: set[str] = set()
         cut = len(self._pending)
         for index, call in enumerate(self._pending):
-            if any(d.submit is not None and r in seen for r, d in call.deltas.items()):
+            if call.submits and not seen.isdisjoint(call.submits):
                 cut = index
                 break
             seen.update(call.deltas)
@@ -642,7 +396,7 @@ class SQLiteJournal:
         except Exception as exc:
             if len(calls) > 1 and _per_call(exc):
                 logger.debug(
-                    "a transaction of %d appends to %s failed (%s); retrying in halves",
+                    "transaction of %d appends to %s failed (%s); retrying halves",
                     len(calls),
                     self.path,
                     exc,
@@ -667,47 +421,34 @@ class SQLiteJournal:
         merged: dict[str, _RunDelta] = {}
         copied: set[str] = set()
         for call in calls:
-            rows.extend(call.rows)
-            cache_rows.extend(call.cache_rows)
+            rows += call.rows
+            cache_rows += call.cache_rows
             for run_id, delta in call.deltas.items():
                 into = merged.get(run_id)
                 if into is None:
-                    merged[run_id] = delta  # copied only if a second call merges in
+                    merged[run_id] = delta  # copied only if another call merges in
                     continue
                 if run_id not in copied:
                     into = merged[run_id] = into.copy()
                     copied.add(run_id)
                 into.merge(delta)
-
-        inserts, updates = [], []
-        for d in merged.values():
-            if d.submit is not None:
-                workflow, submitted_at = d.submit
-                status = d.status or RunStatus.PENDING.value
-                inserts.append(
-                    (
-                        *(d.run_id, workflow, status, d.attempt or 0, submitted_at),
-                        *(d.updated_at, d.count, d.result, d.error),
-                    )
-                )
-            else:
-                updates.append(
-                    (
-                        *(d.status, d.attempt, d.updated_at, d.count, d.result_set),
-                        *(d.result, d.error_set, d.error, d.run_id),
-                    )
-                )
+        # New runs first: the events and cache rows look up their run's key.
+        run_rows: dict[str, list[tuple[Any, ...]]] = {schema.INSERT_RUN: []}
+        for delta in merged.values():
+            statement, row = delta.params()
+            run_rows.setdefault(statement, []).append(row)
 
         db = self._writer
         await db.execute("BEGIN IMMEDIATE")
         try:
-            if inserts:
-                await db.executemany(_INSERT_RUN, inserts)
-            await db.executemany(_INSERT_EVENT, rows)
-            if updates:
-                await db.executemany(_UPDATE_RUN, updates)
+            if run_rows[schema.INSERT_RUN]:
+                await db.executemany(schema.INSERT_RUN, run_rows.pop(schema.INSERT_RUN))
+            await db.executemany(schema.INSERT_EVENT, rows)
+            for statement, params in run_rows.items():
+                if params:
+                    await db.executemany(statement, params)
             if cache_rows:
-                await db.executemany(_UPSERT_CACHE, cache_rows)
+                await db.executemany(schema.UPSERT_CACHE, cache_rows)
             await db.execute("COMMIT")
         except BaseException:
             await self._rollback()
@@ -733,33 +474,25 @@ class SQLiteJournal:
 
     async def _explain(self, exc: Exception, call: _Append) -> JournalError:
         """The error a failed call gets: what went wrong, and what to do."""
-        what, nothing = call.describe(), "nothing of this append was written"
-        text = str(exc)
+        what, text = call.describe(), str(exc)
         if isinstance(exc, sqlite3.IntegrityError):
             if "events.rk, events.seq" in text:
-                return JournalError(f"{what}: {await self._taken(call)}; {nothing}")
-            if ".rk" in text:
+                return JournalError(f"{what}: {await self._taken(call)}; {_NOTHING}")
+            if ".rk" in text:  # the run's key was NULL: no such run
                 runs = sorted(call.deltas)
-                try:
-                    known = await self._writer_read(
-                        "SELECT run_id FROM runs WHERE run_id IN "
-                        "(SELECT value FROM json_each(?))",
-                        (orjson.dumps(runs).decode(),),
-                    )
-                    runs = [r for r in runs if r not in {row[0] for row in known}]
-                except sqlite3.Error:
-                    pass
+                known = await self._query(schema.KNOWN_RUNS, orjson.dumps(runs))
+                missing = [r for r in runs if r not in {row[0] for row in known}]
                 return JournalError(
                     f"{what}: the journal has no RunSubmitted for run "
-                    f"{', '.join(runs)}; a run's history starts with its submission; "
-                    f"{nothing}"
+                    f"{', '.join(missing or runs)}; a run's history starts with "
+                    f"its submission; {_NOTHING}"
                 )
             if "runs.run_id" in text:
                 return JournalError(
                     f"{what}: the run was submitted already; a run id is submitted "
-                    f"once (make a new id for a new run); {nothing}"
+                    f"once (make a new id for a new run); {_NOTHING}"
                 )
-        code = getattr(exc, "sqlite_errorcode", -1) & 0xFF
+        code = exc.sqlite_errorcode & 0xFF if isinstance(exc, sqlite3.Error) else -1
         where, folder = f"journal {self.path}", self.path.absolute().parent
         if code == sqlite3.SQLITE_FULL:
             advice = f"the disk is full: free space on {folder}, then append again"
@@ -768,7 +501,7 @@ class SQLiteJournal:
         elif code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
             advice = (
                 f"{where} stayed locked by another process for over "
-                f"{BUSY_TIMEOUT:g}s: is another supervisor writing to it?"
+                f"{schema.BUSY_TIMEOUT:g}s: is another supervisor writing to it?"
             )
         elif code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
             advice = f"{where} cannot be written: check the permissions on {folder}"
@@ -776,25 +509,18 @@ class SQLiteJournal:
             advice = f"{where} is damaged: stop writing to it and run `coda doctor`"
         else:
             advice = f"{type(exc).__name__} writing to {where}"
-        return JournalError(f"{what} failed ({text}); {advice}; {nothing}")
+        return JournalError(f"{what} failed ({text}); {advice}; {_NOTHING}")
 
     async def _taken(self, call: _Append) -> str:
         """Which of a call's positions were already in the journal, in words."""
         wanted: dict[str, list[int]] = {}
         for run_id, seq, *_ in call.rows:
             wanted.setdefault(run_id, []).append(seq)
-        taken = []
-        try:
-            for run_id, seqs in wanted.items():
-                rows = await self._writer_read(
-                    "SELECT e.seq FROM events e JOIN runs r ON r.rk = e.rk WHERE"
-                    " r.run_id = ? AND e.seq IN (SELECT value FROM json_each(?))"
-                    " ORDER BY e.seq",
-                    (run_id, orjson.dumps(seqs).decode()),
-                )
-                taken += [f"#{row[0]} of run {run_id}" for row in rows]
-        except sqlite3.Error:
-            return "a position it writes is already taken"
+        taken = [
+            f"#{row[0]} of run {run_id}"
+            for run_id, seqs in wanted.items()
+            for row in await self._query(schema.TAKEN, run_id, orjson.dumps(seqs))
+        ]
         if not taken:
             return "it repeats a position of its own"
         return (
@@ -802,11 +528,16 @@ class SQLiteJournal:
             "appending to this run, or is the caller's state of the run stale?"
         )
 
-    async def _writer_read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+    async def _query(self, sql: str, *params: str | bytes) -> list[Any]:
+        """Look something up for an error message; nothing if that fails too."""
         assert self._writer is not None
-        return list(await self._writer.execute_fetchall(sql, params))
+        args = [p.decode() if isinstance(p, bytes) else p for p in params]
+        try:
+            return list(await self._writer.execute_fetchall(sql, args))
+        except sqlite3.Error:
+            return []
 
-    # -- reading ---------------------------------------------------------------
+    # -- reading -----------------------------------------------------------------
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> Iterable[Any]:
         if self._closed:
@@ -818,18 +549,16 @@ class SQLiteJournal:
 
     async def history(self, run_id: str) -> list[Event]:
         """Every event of one run, in order; empty for a run the journal lacks."""
-        return [decode(row[0]) for row in await self._read(_HISTORY, (run_id,))]
+        return [decode(row[0]) for row in await self._read(schema.HISTORY, (run_id,))]
 
     async def resolve(self, run_id_or_prefix: str) -> str:
-        if not run_id_or_prefix:
-            raise RunNotFound("no run id given: give a run id or a prefix of one")
-        rows = await self._read(_PREFIX, _prefix_params(run_id_or_prefix))
-        return _pick_run(run_id_or_prefix, [row[0] for row in rows], self.path)
+        params = schema.prefix_params(run_id_or_prefix)
+        matches = [row[0] for row in await self._read(schema.PREFIX, params)]
+        return schema.pick_run(run_id_or_prefix, matches, self.path)
 
     async def run(self, run_id: str) -> RunSummary | None:
-        sql = f"SELECT {_SUMMARY_COLUMNS} FROM runs WHERE run_id = ?"
-        rows = list(await self._read(sql, (run_id,)))
-        return _summary(rows[0]) if rows else None
+        rows = await self._read(schema.SUMMARY + " WHERE run_id = ?", (run_id,))
+        return next((schema.summary(row) for row in rows), None)
 
     async def runs(
         self,
@@ -837,14 +566,15 @@ class SQLiteJournal:
         workflow: str | None = None,
         limit: int = 100,
     ) -> list[RunSummary]:
-        sql, params = _runs_query(status, workflow, limit)
-        return [_summary(row) for row in await self._read(sql, params)]
+        sql, params = schema.runs_query(status, workflow, limit)
+        return [schema.summary(row) for row in await self._read(sql, params)]
 
     async def unfinished(self) -> dict[str, list[Event]]:
         """Histories of the runs whose status is not finished, in one query."""
+        rows = await self._read(schema.UNFINISHED_HISTORIES, schema.UNFINISHED)
         histories: dict[str, list[Event]] = {}
         unordered = False
-        for run_id, seq, body in await self._read(_UNFINISHED_HISTORIES, _UNFINISHED):
+        for run_id, seq, body in rows:
             history = histories.get(run_id)
             if history is None:
                 history = histories[run_id] = []
@@ -852,7 +582,7 @@ class SQLiteJournal:
                 unordered = True
             history.append(decode(body))
         # The plan yields each run's events in index order, by seq; SQLite does
-        # not promise it without an ORDER BY, which would cost a sort of all rows.
+        # not promise it without an ORDER BY, which would sort every row.
         if unordered:
             for history in histories.values():
                 history.sort(key=lambda event: event.seq)
@@ -861,16 +591,9 @@ class SQLiteJournal:
     async def cached_result(self, run_id: str, cache_key: list[Any]) -> Any:
         """The result cached under `cache_key` in run `run_id`; KeyError if none."""
         token = cache_token(cache_key)
-        rows = list(
-            await self._read(
-                "SELECT c.result FROM task_cache c JOIN runs r ON r.rk = c.rk"
-                " WHERE r.run_id = ? AND c.cache_key = ?",
-                (run_id, token),
-            )
-        )
-        if not rows:
-            raise KeyError(f"run {run_id} has no cached result for key {token}")
-        return loads(rows[0][0])
+        for row in await self._read(schema.CACHED, (run_id, token)):
+            return loads(row[0])
+        raise KeyError(f"run {run_id} has no cached result for key {token}")
 
     async def integrity_problems(self) -> list[str]:
         """What `coda doctor` should report; empty when all is well. Changes nothing."""
@@ -881,7 +604,9 @@ class SQLiteJournal:
         ]
         for table, rowid, parent, _ in await self._read("PRAGMA foreign_key_check"):
             problems.append(f"{table} row {rowid} names a run missing from {parent}")
-        for run_id, projected, count, first, last in await self._read(_SEQ_PROBLEMS):
+        for run_id, counted, count, first, last in await self._read(
+            schema.SEQ_PROBLEMS
+        ):
             if count == 0:
                 problems.append(f"run {run_id} has no events, not even its submission")
             elif first != 0 or last != count - 1:
@@ -889,9 +614,9 @@ class SQLiteJournal:
                     f"run {run_id}: its {count} events are at positions "
                     f"#{first}..#{last}, not #0..#{count - 1} without gaps"
                 )
-            if projected != count:
+            if counted != count:
                 problems.append(
-                    f"run {run_id}: the runs table counts {projected} events, "
+                    f"run {run_id}: the runs table counts {counted} events, "
                     f"the history has {count}"
                 )
         return problems
@@ -900,7 +625,8 @@ class SQLiteJournal:
 def _per_call(exc: Exception) -> bool:
     """Whether `exc` may belong to one call of a batch rather than to the file."""
     if isinstance(exc, sqlite3.Error):
-        return getattr(exc, "sqlite_errorcode", -1) & 0xFF in _PER_CALL_CODES
+        code = exc.sqlite_errorcode & 0xFF
+        return code in (sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_FULL)
     return isinstance(exc, OverflowError)  # an integer too large for SQLite
 
 
@@ -916,23 +642,23 @@ def _settle(call: _Append, error: BaseException | None) -> None:
 
 async def _inspect(path: Path, *, migrate: bool) -> None:
     """Refuse, through a read-only connection, a file this code must not open."""
-    if not path.is_file():
-        what = "is not a file" if path.exists() else "does not exist"
-        raise JournalError(f"no journal at {path}: it {what}")
+    schema.require_file(path)
     try:
         async with aiosqlite.connect(
-            _ro_uri(path), uri=True, timeout=BUSY_TIMEOUT
+            schema.ro_uri(path), uri=True, timeout=schema.BUSY_TIMEOUT
         ) as conn:
-            version = await _scalar(conn, _LOOK)
-            tables = [row[0] for row in await conn.execute_fetchall(_TABLES)]
+            version = await _scalar(conn, schema.USER_VERSION)
+            tables = [row[0] for row in await conn.execute_fetchall(schema.TABLES)]
     except sqlite3.Error as exc:
-        raise _not_a_journal(path, exc) from exc
-    _check_version(path, version, tables, migrate=migrate)
+        raise schema.not_a_journal(path, exc) from exc
+    schema.check_version(path, version, tables, migrate=migrate)
 
 
 async def _open_writer(path: Path, synchronous: str) -> aiosqlite.Connection:
     try:
-        db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        db = await aiosqlite.connect(
+            path, timeout=schema.BUSY_TIMEOUT, isolation_level=None
+        )
     except sqlite3.Error as exc:
         raise JournalError(f"cannot open journal {path} for writing: {exc}") from exc
     try:
@@ -944,12 +670,12 @@ async def _open_writer(path: Path, synchronous: str) -> aiosqlite.Connection:
                 f"{mode!r} mode); keep the journal on a local file system"
             )
         for pragma in (
-            f"PRAGMA synchronous = {synchronous}",
-            f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}",
-            f"PRAGMA cache_size = {_CACHE_PAGES}",
-            f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT}",
+            f"synchronous = {synchronous}",
+            f"busy_timeout = {int(schema.BUSY_TIMEOUT * 1000)}",
+            f"cache_size = -{_CACHE_KIB}",
+            f"wal_autocheckpoint = {_WAL_AUTOCHECKPOINT}",
         ):
-            await db.execute(pragma)
+            await db.execute(f"PRAGMA {pragma}")
     except BaseException as exc:
         await db.close()
         if isinstance(exc, sqlite3.Error):
@@ -960,33 +686,36 @@ async def _open_writer(path: Path, synchronous: str) -> aiosqlite.Connection:
 
 async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
     """Bring the journal to this code's schema version, all in one transaction."""
-    target = len(MIGRATIONS)
+    migrations = schema.MIGRATIONS
     await db.execute("BEGIN IMMEDIATE")
     version = 0
     try:
         # Look again inside the transaction: another process may have created
         # or upgraded the file since `_inspect`.
-        version = await _scalar(db, _LOOK)
-        tables = [row[0] for row in await db.execute_fetchall(_TABLES)]
-        _check_version(path, version, tables, migrate=True)
-        for step in range(version, target):
-            for statement in MIGRATIONS[step]:
+        version = await _scalar(db, schema.USER_VERSION)
+        tables = [row[0] for row in await db.execute_fetchall(schema.TABLES)]
+        schema.check_version(path, version, tables, migrate=True)
+        for step in migrations[version:]:
+            for statement in step:
                 await db.execute(statement)
-        if version != target:
-            await db.execute(f"PRAGMA user_version = {target}")
+        if version != len(migrations):
+            await db.execute(f"PRAGMA user_version = {len(migrations)}")
         await db.execute("COMMIT")
     except BaseException as exc:
         if db.in_transaction:
             await db.execute("ROLLBACK")
         if isinstance(exc, sqlite3.Error):
             raise JournalError(
-                f"migrating journal {path} from schema version {version} to {target} "
-                f"failed ({exc}); it was left at version {version}"
+                f"migrating journal {path} from schema version {version} to "
+                f"{len(migrations)} failed ({exc}); it was left at version {version}"
             ) from exc
         raise
-    if version != target:
+    if version != len(migrations):
         logger.info(
-            "migrated journal %s from schema version %d to %d", path, version, target
+            "migrated journal %s from schema version %d to %d",
+            path,
+            version,
+            len(migrations),
         )
 
 

@@ -1,0 +1,291 @@
+"""The SQLite journal's schema, its SQL, and the read-only checks and readers.
+
+`coda.journal.sqlite` explains the schema and how it is written. This module
+holds what both the async journal and the synchronous CLI readers need: the
+migrations, the statements, turning rows into values, and deciding from a
+read-only look whether a file may be opened at all.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from coda.errors import JournalError, JournalVersionError, RunNotFound
+from coda.journal.base import RunSummary
+from coda.journal.codec import decode
+from coda.journal.events import ErrorInfo, Event
+from coda.state import RunStatus
+from coda.values import loads
+
+__all__ = ["MIGRATIONS", "read_history_sync", "read_runs_sync"]
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 0 -> 1: the first schema.
+    (
+        """CREATE TABLE runs (
+            rk INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL UNIQUE,
+            workflow TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            submitted_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            events INTEGER NOT NULL,
+            result TEXT,
+            error TEXT)""",
+        "CREATE INDEX runs_by_submitted ON runs (submitted_at)",
+        "CREATE INDEX runs_by_status ON runs (status, submitted_at)",
+        "CREATE INDEX runs_by_workflow ON runs (workflow, submitted_at)",
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            rk INTEGER NOT NULL REFERENCES runs (rk),
+            seq INTEGER NOT NULL,
+            at REAL NOT NULL,
+            type TEXT NOT NULL,
+            body BLOB NOT NULL)""",
+        "CREATE UNIQUE INDEX events_by_run ON events (rk, seq)",
+        """CREATE TABLE task_cache (
+            rk INTEGER NOT NULL REFERENCES runs (rk),
+            cache_key TEXT NOT NULL,
+            result TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            step INTEGER NOT NULL,
+            PRIMARY KEY (rk, cache_key)) WITHOUT ROWID""",
+        """CREATE VIEW history AS
+            SELECT r.run_id, e.seq, e.at, e.type, CAST(e.body AS TEXT) AS body, e.id
+            FROM events e JOIN runs r ON r.rk = e.rk""",
+    ),
+)
+"""`MIGRATIONS[v]` holds the statements that take a journal from version v to v+1."""
+
+BUSY_TIMEOUT = 5.0  # seconds to wait for another process's lock before failing
+
+INSERT_RUN = (
+    "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at, updated_at,"
+    " events, result, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_EVENT = (
+    "INSERT INTO events (rk, seq, at, type, body)"
+    " VALUES ((SELECT rk FROM runs WHERE run_id = ?), ?, ?, ?, ?)"
+)
+UPDATE_RUN = (
+    "UPDATE runs SET status = coalesce(?1, status), attempt = coalesce(?2, attempt),"
+    " updated_at = ?3, events = events + ?4,"
+    " result = CASE WHEN ?5 THEN ?6 ELSE result END,"
+    " error = CASE WHEN ?7 THEN ?8 ELSE error END"
+    " WHERE run_id = ?9"
+)
+# Most events (those of tasks) change only the count and time of their run;
+# leaving the other columns out spares SQLite rewriting the status index entry.
+TOUCH_RUN = "UPDATE runs SET updated_at = ?, events = events + ? WHERE run_id = ?"
+UPSERT_CACHE = (
+    "INSERT INTO task_cache (rk, cache_key, result, attempt, step)"
+    " VALUES ((SELECT rk FROM runs WHERE run_id = ?), ?, ?, ?, ?)"
+    " ON CONFLICT (rk, cache_key) DO UPDATE SET result = excluded.result,"
+    " attempt = excluded.attempt, step = excluded.step"
+)
+TAKEN = (
+    "SELECT e.seq FROM events e JOIN runs r ON r.rk = e.rk"
+    " WHERE r.run_id = ? AND e.seq IN (SELECT value FROM json_each(?)) ORDER BY e.seq"
+)
+KNOWN_RUNS = "SELECT run_id FROM runs WHERE run_id IN (SELECT value FROM json_each(?))"
+
+SUMMARY = (
+    "SELECT run_id, workflow, status, attempt, submitted_at, updated_at, events,"
+    " result, error FROM runs"
+)
+HISTORY = (
+    "SELECT body FROM events WHERE rk = (SELECT rk FROM runs WHERE run_id = ?)"
+    " ORDER BY seq"
+)
+PREFIX = (
+    "SELECT run_id FROM runs WHERE run_id >= ? AND run_id < ? ORDER BY run_id LIMIT 6"
+)
+CACHED = (
+    "SELECT c.result FROM task_cache c JOIN runs r ON r.rk = c.rk"
+    " WHERE r.run_id = ? AND c.cache_key = ?"
+)
+UNFINISHED = tuple(s.value for s in RunStatus if not s.finished)
+# Walk the unfinished runs by their status index and seek each one's events.
+# Left to itself, the planner may scan every event instead (it did, once the
+# statistics of a small journal were gathered), so the plan is spelled out.
+UNFINISHED_HISTORIES = (
+    "SELECT r.run_id, e.seq, e.body FROM runs r INDEXED BY runs_by_status"
+    " CROSS JOIN events e INDEXED BY events_by_run ON e.rk = r.rk"
+    f" WHERE r.status IN ({', '.join('?' * len(UNFINISHED))})"
+)
+SEQ_PROBLEMS = (
+    "SELECT r.run_id, r.events, count(e.seq), min(e.seq), max(e.seq)"
+    " FROM runs r LEFT JOIN events e ON e.rk = r.rk GROUP BY r.rk"
+    " HAVING count(e.seq) = 0 OR min(e.seq) != 0 OR max(e.seq) != count(e.seq) - 1"
+    " OR r.events != count(e.seq)"
+)
+USER_VERSION = "PRAGMA user_version"
+TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
+
+
+def error_json(error: ErrorInfo) -> str:
+    info = {
+        "type": error.type,
+        "message": error.message,
+        "traceback": error.traceback,
+        "types": list(error.types),
+    }
+    return orjson.dumps(info).decode()
+
+
+def _error_from_json(text: str) -> ErrorInfo:
+    obj = orjson.loads(text)
+    return ErrorInfo(
+        type=obj["type"],
+        message=obj["message"],
+        traceback=obj.get("traceback", ""),
+        types=tuple(obj.get("types", ())),
+    )
+
+
+def summary(row: Sequence[Any]) -> RunSummary:
+    run_id, workflow, status, attempt, submitted, updated, events, result, error = row
+    return RunSummary(
+        run_id=run_id,
+        workflow=workflow,
+        status=status,
+        attempt=attempt,
+        submitted_at=submitted,
+        updated_at=updated,
+        events=events,
+        result=None if result is None else loads(result),
+        error=None if error is None else _error_from_json(error),
+    )
+
+
+def runs_query(
+    status: str | None, workflow: str | None, limit: int
+) -> tuple[str, list[Any]]:
+    """The query of `Journal.runs`: newest first, filtered by status and workflow."""
+    where: list[str] = []
+    params: list[Any] = []
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    if workflow is not None:
+        where.append("workflow = ?")
+        params.append(workflow)
+    sql = SUMMARY + (" WHERE " + " AND ".join(where) if where else "")
+    params.append(limit)
+    return sql + " ORDER BY submitted_at DESC, rk DESC LIMIT ?", params
+
+
+def prefix_params(prefix: str) -> tuple[str, str]:
+    # Every string that starts with `prefix` sorts in [prefix, prefix + U+10FFFF).
+    return prefix, prefix + "\U0010ffff"
+
+
+def pick_run(prefix: str, matches: list[str], path: Path) -> str:
+    """The run `prefix` names among `matches` (from `PREFIX`), or `RunNotFound`."""
+    if not prefix:
+        raise RunNotFound("no run id given: give a run id or a prefix of one")
+    if prefix in matches:
+        return prefix
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise RunNotFound(
+            f"no run with id or id prefix {prefix!r} in journal {path}; "
+            "`coda ls` lists the runs"
+        )
+    shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+    raise RunNotFound(
+        f"run id prefix {prefix!r} is ambiguous in journal {path}: it matches "
+        f"{shown}; give more characters"
+    )
+
+
+def check_version(
+    path: Path, version: int, tables: list[str], *, migrate: bool
+) -> None:
+    """Refuse a file this code must not open; say why and what to do."""
+    target = len(MIGRATIONS)
+    if version > target:
+        raise JournalVersionError(
+            f"journal {path} has schema version {version}, newer than the version "
+            f"{target} this Coda supports: upgrade Coda to open it (the file was "
+            "left untouched)"
+        )
+    if version == 0 and tables:
+        raise JournalError(
+            f"{path} is a SQLite database but not a Coda journal (it has tables "
+            f"{', '.join(sorted(tables)[:5])} and no schema version); point Coda at "
+            "its own journal file (the file was left untouched)"
+        )
+    if version == 0 and not migrate:
+        raise JournalError(f"journal {path} is empty: no run was ever written to it")
+    if version < target and not migrate:
+        raise JournalError(
+            f"journal {path} has schema version {version}, older than this Coda's "
+            f"{target}; open it read-write once (start the supervisor) to migrate "
+            "it, then read it again"
+        )
+
+
+def not_a_journal(path: Path, exc: sqlite3.Error) -> JournalError:
+    if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
+        return JournalError(
+            f"{path} is not a Coda journal (not a SQLite database: {exc}); point "
+            "Coda at its journal file (the file was left untouched)"
+        )
+    return JournalError(f"cannot open journal {path}: {exc}")
+
+
+def require_file(path: Path) -> None:
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise JournalError(f"no journal at {path}: it {what}")
+
+
+def ro_uri(path: Path) -> str:
+    """A URI that opens `path` read-only: no write lock, no change, ever."""
+    return path.absolute().as_uri() + "?mode=ro"
+
+
+def _connect_ro_sync(path: Path) -> sqlite3.Connection:
+    require_file(path)
+    try:
+        conn = sqlite3.connect(ro_uri(path), uri=True, timeout=BUSY_TIMEOUT)
+        version = conn.execute(USER_VERSION).fetchone()[0]
+        tables = [name for (name,) in conn.execute(TABLES)]
+    except sqlite3.Error as exc:
+        raise not_a_journal(path, exc) from exc
+    try:
+        check_version(path, version, tables, migrate=False)
+    except JournalError:
+        conn.close()
+        raise
+    return conn
+
+
+def read_history_sync(path: str | Path, run_id_or_prefix: str) -> list[Event]:
+    """The history of one run, read without an event loop and without write locks."""
+    path = Path(path)
+    with closing(_connect_ro_sync(path)) as conn:
+        rows = conn.execute(PREFIX, prefix_params(run_id_or_prefix)).fetchall()
+        run_id = pick_run(run_id_or_prefix, [r[0] for r in rows], path)
+        return [decode(body) for (body,) in conn.execute(HISTORY, (run_id,))]
+
+
+def read_runs_sync(
+    path: str | Path,
+    status: str | None = None,
+    workflow: str | None = None,
+    limit: int = 100,
+) -> list[RunSummary]:
+    """`SQLiteJournal.runs`, read without an event loop and without write locks."""
+    with closing(_connect_ro_sync(Path(path))) as conn:
+        sql, params = runs_query(status, workflow, limit)
+        return [summary(row) for row in conn.execute(sql, params)]
