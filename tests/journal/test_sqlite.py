@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -71,81 +74,44 @@ def completed_run(run_id: str) -> list[Event]:
     ]
 
 
-def every_event_type(run_id: str) -> list[Event]:
+def task_steps(run_id: str, seq: int, index: int, key: Any, result: Any) -> list[Event]:
+    """A task step of attempt 1 scheduled, started and completed, from `seq` on."""
+    return [
+        step(TaskScheduled, run_id, seq, attempt=1, step=index, task="t", args={},
+             cache_key=key),
+        step(TaskStarted, run_id, seq + 1, attempt=1, step=index, try_number=1),
+        step(TaskCompleted, run_id, seq + 2, attempt=1, step=index, try_number=1,
+             result=result, cache_key=key),
+    ]  # fmt: skip
+
+
+def every_event_type(r: str) -> list[Event]:
     """One event of each type, with non-default fields (not a legal history)."""
     policy = RetryPolicy(max_retries=3, retry_on=("OSError",), backoff=0.5)
-    kinds: list[Event] = [
-        RunSubmitted(
-            run_id=run_id,
-            seq=0,
-            at=1.5,
-            workflow="w",
-            args={"a": [1, 2]},
-            policy=policy,
-        ),
-        AttemptStarted(run_id=run_id, seq=1, at=2.0, attempt=1),
-        TaskScheduled(
-            run_id=run_id,
-            seq=2,
-            at=3.0,
-            attempt=1,
-            step=0,
-            task="t",
-            args={"x": None},
-            cache_key=["k", 1],
-            policy=policy,
-            timeout=9.5,
-        ),
-        TaskStarted(run_id=run_id, seq=3, at=4.0, attempt=1, step=0, try_number=1),
-        TaskFailed(
-            run_id=run_id,
-            seq=4,
-            at=5.0,
-            attempt=1,
-            step=0,
-            try_number=1,
-            error=BOOM,
-            retry_at=6.0,
-        ),
-        TaskCompleted(
-            run_id=run_id,
-            seq=5,
-            at=6.0,
-            attempt=1,
-            step=0,
-            try_number=2,
-            result={"ok": True},
-            cache_key=["k", 1],
-        ),
-        SideEffectRecorded(
-            run_id=run_id, seq=6, at=7.0, attempt=1, step=1, kind="uuid4", value="u"
-        ),
-        AttemptFailed(
-            run_id=run_id, seq=7, at=8.0, attempt=1, error=BOOM, retry_at=9.0
-        ),
-        TaskReused(
-            run_id=run_id,
-            seq=8,
-            at=9.0,
-            attempt=2,
-            step=0,
-            task="t",
-            cache_key=["k", 1],
-            result={"ok": True},
-            from_attempt=1,
-        ),
-        RunParked(run_id=run_id, seq=9, at=10.0, attempt=2, error=BOOM),
-        RunResumed(run_id=run_id, seq=10, at=11.0, reason="fixed"),
-        RunFailed(run_id=run_id, seq=11, at=12.0, error=BOOM),
-        RunRetried(run_id=run_id, seq=12, at=13.0, reason="again"),
-        RunCancelled(run_id=run_id, seq=13, at=14.0, reason="enough"),
-        RunCompleted(run_id=run_id, seq=14, at=15.0, attempt=3, result=[1, "two"]),
+    key = ["k", 1]
+    # fmt: off
+    return [
+        step(RunSubmitted, r, 0, workflow="w", args={"a": [1, 2]}, policy=policy),
+        step(AttemptStarted, r, 1, attempt=1),
+        step(TaskScheduled, r, 2, attempt=1, step=0, task="t", args={"x": None},
+             cache_key=key, policy=policy, timeout=9.5),
+        step(TaskStarted, r, 3, attempt=1, step=0, try_number=1, worker="w1"),
+        step(TaskFailed, r, 4, attempt=1, step=0, try_number=1, error=BOOM,
+             retry_at=6.0),
+        step(TaskCompleted, r, 5, attempt=1, step=0, try_number=2,
+             result={"ok": True}, cache_key=key),
+        step(SideEffectRecorded, r, 6, attempt=1, step=1, kind="uuid4", value="u"),
+        step(AttemptFailed, r, 7, attempt=1, error=BOOM, retry_at=9.0),
+        step(TaskReused, r, 8, attempt=2, step=0, task="t", cache_key=key,
+             result={"ok": True}, from_attempt=1),
+        step(RunParked, r, 9, attempt=2, error=BOOM),
+        step(RunResumed, r, 10, reason="fixed"),
+        step(RunFailed, r, 11, error=BOOM),
+        step(RunRetried, r, 12, reason="again"),
+        step(RunCancelled, r, 13, reason="enough"),
+        step(RunCompleted, r, 14, attempt=3, result=[1, "two"]),
     ]
-    return kinds
-
-
-def file_bytes(path: Path) -> bytes:
-    return path.read_bytes()
+    # fmt: on
 
 
 def ro_count(path: Path, run_id: str) -> int:
@@ -373,7 +339,8 @@ def test_disk_full_fails_with_a_clear_error_and_keeps_the_journal(
         (pages,) = next(iter(await writer.execute_fetchall("PRAGMA page_count")))
         await writer.execute(f"PRAGMA max_page_count = {pages + 2}")
 
-        big = [submitted("big")] + [
+        big: list[Event] = [submitted("big")]
+        big += [
             step(
                 SideEffectRecorded,
                 "big",
@@ -408,6 +375,36 @@ def test_disk_full_fails_with_a_clear_error_and_keeps_the_journal(
     run_async(tmp_path / "j.db", body)
 
 
+def test_a_lock_held_elsewhere_fails_the_batch_at_once_and_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "j.db"
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT", 0.2)
+
+    async def body(journal: SQLiteJournal) -> None:
+        await journal.append([submitted("r")])
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(journal.append(completed_run(f"x{i}")) for i in range(8)),
+            return_exceptions=True,
+        )
+        elapsed = time.monotonic() - started
+        other.execute("ROLLBACK")
+        other.close()
+        for outcome in outcomes:
+            assert isinstance(outcome, JournalError)
+            assert "locked by another process" in str(outcome)
+            assert "another supervisor" in str(outcome)
+        # One wait for the lock, not one per call or per half of the batch.
+        assert elapsed < 1.0, elapsed
+        await journal.append(completed_run("after"))
+        assert len(await journal.history("after")) == 3
+
+    run_async(path, body)
+
+
 # -- projections ----------------------------------------------------------------
 
 
@@ -416,37 +413,11 @@ def test_projection_follows_a_completed_run(tmp_path: Path) -> None:
     history: list[Event] = [
         submitted("r", workflow="orders", at=50.0),
         step(AttemptStarted, "r", 1, attempt=1),
-        step(
-            TaskScheduled,
-            "r",
-            2,
-            attempt=1,
-            step=0,
-            task="fetch",
-            args={},
-            cache_key=key,
-        ),
-        step(TaskStarted, "r", 3, attempt=1, step=0, try_number=1),
-        step(
-            TaskCompleted,
-            "r",
-            4,
-            attempt=1,
-            step=0,
-            try_number=1,
-            result={"body": "hi"},
-            cache_key=key,
-        ),
+        *task_steps("r", 2, 0, key, {"body": "hi"}),
         step(RunCompleted, "r", 5, attempt=1, result={"total": 3}),
     ]
-    expected = [
-        ("pending", 0),
-        ("running", 1),
-        ("running", 1),
-        ("running", 1),
-        ("running", 1),
-        ("completed", 1),
-    ]
+    running = ("running", 1)
+    expected = [("pending", 0), running, running, running, running, ("completed", 1)]
 
     async def body(journal: SQLiteJournal) -> None:
         for index, event in enumerate(history):
@@ -492,19 +463,14 @@ def failing_history(run_id: str) -> list[Event]:
 
 def test_projection_follows_failures_parking_and_retries(tmp_path: Path) -> None:
     history = failing_history("r")
+    # fmt: off
     expected = [
-        ("pending", 0, False),
-        ("running", 1, False),
-        ("retrying", 1, True),
-        ("running", 2, True),
-        ("parked", 2, True),
-        ("running", 2, False),
-        ("running", 2, True),
-        ("failed", 2, True),
-        ("pending", 2, False),
-        ("running", 3, False),
-        ("cancelled", 3, False),
+        ("pending", 0, False), ("running", 1, False), ("retrying", 1, True),
+        ("running", 2, True), ("parked", 2, True), ("running", 2, False),
+        ("running", 2, True), ("failed", 2, True), ("pending", 2, False),
+        ("running", 3, False), ("cancelled", 3, False),
     ]
+    # fmt: on
 
     async def body(journal: SQLiteJournal) -> None:
         for index, event in enumerate(history):
@@ -529,34 +495,8 @@ def test_projection_is_the_same_when_events_share_a_batch(tmp_path: Path) -> Non
     cached = [
         submitted("c"),
         step(AttemptStarted, "c", 1, attempt=1),
-        step(
-            TaskScheduled, "c", 2, attempt=1, step=0, task="t", args={}, cache_key=key
-        ),
-        step(TaskStarted, "c", 3, attempt=1, step=0, try_number=1),
-        step(
-            TaskCompleted,
-            "c",
-            4,
-            attempt=1,
-            step=0,
-            try_number=1,
-            result=1,
-            cache_key=key,
-        ),
-        step(
-            TaskScheduled, "c", 5, attempt=1, step=1, task="t", args={}, cache_key=key
-        ),
-        step(TaskStarted, "c", 6, attempt=1, step=1, try_number=1),
-        step(
-            TaskCompleted,
-            "c",
-            7,
-            attempt=1,
-            step=1,
-            try_number=1,
-            result=2,
-            cache_key=key,
-        ),
+        *task_steps("c", 2, 0, key, 1),
+        *task_steps("c", 5, 1, key, 2),
     ]
 
     async def body(journal: SQLiteJournal) -> tuple[Any, Any, Any, int]:
@@ -664,6 +604,18 @@ def test_resolve_by_id_and_prefix(tmp_path: Path) -> None:
     run_async(tmp_path / "j.db", body)
 
 
+# Reads the journal read-only in a loop until told to stop; prints its counts.
+READER_PROCESS = """
+import sqlite3, sys
+uri, counts = sys.argv[1], []
+while sys.stdin.readline().strip() == "read":
+    conn = sqlite3.connect(uri, uri=True)
+    counts.append(conn.execute("SELECT count(*) FROM history").fetchone()[0])
+    conn.close()
+    print(counts[-1], flush=True)
+"""
+
+
 def test_readers_in_other_connections_never_see_locks(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
     errors: list[BaseException] = []
@@ -679,44 +631,50 @@ def test_readers_in_other_connections_never_see_locks(tmp_path: Path) -> None:
                 errors.append(exc)
                 return
 
-    async def body(journal: SQLiteJournal) -> None:
+    async def body(journal: SQLiteJournal) -> list[int]:
         await journal.append([submitted("busy")])
-        threads = [threading.Thread(target=reader) for _ in range(3)]
+        uri = path.absolute().as_uri() + "?mode=ro"
+        process = subprocess.Popen(
+            [sys.executable, "-c", READER_PROCESS, uri],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        threads = [threading.Thread(target=reader) for _ in range(2)]
         for thread in threads:
             thread.start()
+        counts = []
         try:
             for seq in range(1, 120):
-                await journal.append(
-                    [
-                        step(
-                            SideEffectRecorded,
-                            "busy",
-                            seq,
-                            attempt=1,
-                            step=seq,
-                            kind="now",
-                            value=seq,
-                        )
-                    ]
-                )
-                await asyncio.gather(
-                    *(journal.append([submitted(f"other-{seq}-{i}")]) for i in range(3))
-                )
+                event = step(SideEffectRecorded, "busy", seq, attempt=1, step=seq,
+                             kind="now", value=seq)  # fmt: skip
+                others = [journal.append([submitted(f"o-{seq}-{i}")]) for i in range(3)]
+                await asyncio.gather(journal.append([event]), *others)
+                # Another process reads between (and during) commits.
+                process.stdin.write("read\n")
+                process.stdin.flush()
+                counts.append(int(process.stdout.readline()))
         finally:
             stop.set()
             for thread in threads:
                 thread.join()
+            _, stderr = process.communicate("stop\n", timeout=10)
+        assert process.returncode == 0, stderr
+        return counts
 
-    run_async(path, body)
+    counts = run_async(path, body)
     assert errors == []
     assert len(seen) > 20
-    assert max(seen) > 1  # the readers did see the history grow
+    assert max(seen) > 1  # the reader threads did see the history grow
+    assert counts == sorted(counts) and counts[-1] == 120 + 119 * 3
 
 
 def test_readonly_journal_reads_but_refuses_appends(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
     run_async(path, lambda j: j.append(completed_run("r")))
-    before = file_bytes(path)
+    before = path.read_bytes()
 
     async def main() -> None:
         journal = await SQLiteJournal.open(path, readonly=True)
@@ -728,7 +686,7 @@ def test_readonly_journal_reads_but_refuses_appends(tmp_path: Path) -> None:
             await journal.close()
 
     asyncio.run(main())
-    assert file_bytes(path) == before
+    assert path.read_bytes() == before
 
 
 def test_synchronous_mode_is_applied_and_checked(tmp_path: Path) -> None:
@@ -756,7 +714,7 @@ def test_a_newer_journal_is_refused_and_left_untouched(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
-    before = file_bytes(path)
+    before = path.read_bytes()
 
     async def main() -> None:
         for readonly in (False, True):
@@ -770,7 +728,7 @@ def test_a_newer_journal_is_refused_and_left_untouched(tmp_path: Path) -> None:
     asyncio.run(main())
     with pytest.raises(JournalVersionError):
         read_history_sync(path, "r")
-    assert file_bytes(path) == before
+    assert path.read_bytes() == before
 
 
 def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(
@@ -778,12 +736,12 @@ def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(
 ) -> None:
     path = tmp_path / "notes.txt"
     path.write_bytes(b"these are my notes, not a journal\n" * 200)
-    before = file_bytes(path)
+    before = path.read_bytes()
     with pytest.raises(JournalError, match="not a SQLite database"):
         asyncio.run(SQLiteJournal.open(path))
     with pytest.raises(JournalError, match="not a SQLite database"):
         read_runs_sync(path)
-    assert file_bytes(path) == before
+    assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
@@ -795,10 +753,10 @@ def test_another_applications_database_is_refused_and_left_untouched(
     conn.execute("CREATE TABLE users (name TEXT)")
     conn.commit()
     conn.close()
-    before = file_bytes(path)
+    before = path.read_bytes()
     with pytest.raises(JournalError, match=r"not a Coda journal.*users"):
         asyncio.run(SQLiteJournal.open(path))
-    assert file_bytes(path) == before
+    assert path.read_bytes() == before
 
 
 def test_missing_journal_is_refused_when_reading(tmp_path: Path) -> None:
@@ -876,7 +834,7 @@ def test_integrity_problems_finds_gaps_and_changes_nothing(tmp_path: Path) -> No
     )
     conn.commit()
     conn.close()
-    before = file_bytes(path)
+    before = path.read_bytes()
 
     async def main() -> list[str]:
         journal = await SQLiteJournal.open(path, readonly=True)
@@ -886,7 +844,7 @@ def test_integrity_problems_finds_gaps_and_changes_nothing(tmp_path: Path) -> No
             await journal.close()
 
     problems = asyncio.run(main())
-    assert file_bytes(path) == before
+    assert path.read_bytes() == before
     assert any("run b" in p and "#0..#2" in p and "without gaps" in p for p in problems)
     assert any("run b" in p and "counts 3 events" in p for p in problems)
     assert not any("run a" in p for p in problems)
