@@ -19,16 +19,31 @@ __all__ = ["CRASH_EXIT_CODE", "POINTS", "crash_point"]
 CRASH_EXIT_CODE = 86
 
 # Every point, so that a chaos test can cover them all and a typo fails loudly.
+# Each sits where dying changes what survives:
 POINTS = frozenset(
     {
+        # Around each journal append: nothing of it written, or all of it.
         "supervisor.before_commit",
         "supervisor.after_commit",
+        # Tries handed to workers (their starts durable), outcomes not back.
         "supervisor.after_dispatch",
-        "supervisor.after_submit_ack",
+        # A worker's outcome received and not yet committed: it is lost, the
+        # try runs again.
+        "supervisor.outcome_received",
+        # A client's request done (its events durable) and its reply not sent
+        # yet, or just sent: the client must be able to ask again, idempotently.
+        "supervisor.before_ack",
+        "supervisor.after_ack",
+        # SIGINT or SIGTERM received: dying instead of stopping cleanly.
         "supervisor.shutdown",
+        # A try received and not started; its task body returned and its
+        # outcome not sent; its outcome sent.
         "worker.task_received",
         "worker.task_returned",
+        "worker.outcome_sent",
+        # A workflow activation received; its commands sent.
         "worker.activation",
+        "worker.commands_sent",
     }
 )
 

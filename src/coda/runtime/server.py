@@ -38,6 +38,7 @@ from coda.errors import CodaError, ProtocolError, RunNotFound, UnknownNameError
 from coda.journal import codec
 from coda.journal.base import RunSummary
 from coda.protocol import Connection, server_handshake
+from coda.runtime import faults
 from coda.runtime.supervisor import Supervisor
 from coda.runtime.wire import encode_error
 from coda.values import check_json
@@ -174,10 +175,12 @@ class ClientServer:
                 "message": f"the supervisor failed on this request: {exc!r}; "
                 "this is a bug, please report it",
             }
+        faults.crash_point("supervisor.before_ack")
         if "id" in msg:
             reply["id"] = msg["id"]
         if not conn.closed:
             conn.send(reply)
+        faults.crash_point("supervisor.after_ack")
 
     # Requests.
 

@@ -598,6 +598,7 @@ class Supervisor:
         if batch:
             try:
                 await self._commit(batch)
+        faults.crash_point("supervisor.outcome_received")
             except JournalError:
                 logger.exception("could not record the lost worker's tries")
                 for run in touched.values():

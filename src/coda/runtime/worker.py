@@ -110,6 +110,7 @@ class Worker:
                 "commands": [encode_command(c) for c in commands],
             }
         )
+        faults.crash_point("worker.commands_sent")
 
     # Tasks.
 
@@ -134,6 +135,7 @@ class Worker:
         else:
             reply.update(ok=False, error=encode_error(value))
         self.conn.send(reply)
+        faults.crash_point("worker.outcome_sent")
 
     async def _call(self, name: str, args: dict[str, Any]) -> tuple[bool, Any]:
         try:
