@@ -832,6 +832,9 @@ def test_integrity_problems_finds_gaps_and_changes_nothing(tmp_path: Path) -> No
         "DELETE FROM events WHERE seq = 1 AND rk = (SELECT rk FROM runs"
         " WHERE run_id = 'b')"
     )
+    conn.execute(
+        "INSERT INTO events (rk, seq, at, type, body) VALUES (99, 0, 1, 'x', x'')"
+    )
     conn.commit()
     conn.close()
     before = path.read_bytes()
@@ -847,7 +850,9 @@ def test_integrity_problems_finds_gaps_and_changes_nothing(tmp_path: Path) -> No
     assert path.read_bytes() == before
     assert any("run b" in p and "#0..#2" in p and "without gaps" in p for p in problems)
     assert any("run b" in p and "counts 3 events" in p for p in problems)
+    assert any("names a run missing from runs" in p for p in problems)
     assert not any("run a" in p for p in problems)
+    assert len(problems) == 3
 
 
 def test_stored_body_is_the_codec_json(tmp_path: Path) -> None:

@@ -41,8 +41,10 @@ only prepares its rows and queues them; one writer task takes every call queued
 at that moment, writes them all in one transaction (one `executemany` per
 statement), commits, and then releases each caller. Calls that arrive while a
 transaction is being written wait for the next one, which is what makes batches
-large exactly when the load is high. A caller is released only once its own
-events are durable, and within the file events keep the order of the calls.
+large exactly when the load is high. Within a batch, the changes of all calls
+to one run are merged first, so its `runs` row is written once per transaction,
+not once per event. A caller is released only once its own events are durable,
+and within the file events keep the order of the calls.
 
 Failures
 --------
@@ -52,11 +54,12 @@ belong to one call (a position already taken, an unknown run, a full disk that
 a smaller transaction may still fit), its calls are split in halves and retried
 until the failing ones are alone: good calls commit, the bad call gets a
 `JournalError` that says what went wrong and what to do, and nothing of it is
-written. Errors that belong to the file and not to a call (I/O error, lock held
-by another process, damaged or read-only file) fail the calls of the batch at
-once: retrying them would only hammer a failing disk or wait out the lock again.
-Either way the file is left as it was before the failed transaction and stays
-usable.
+written. One bad call among n costs about 2 log2(n) transactions, not n.
+Errors that belong to the file and not to a call (I/O error, lock held by
+another process, damaged or read-only file) fail the calls of the batch at
+once: retrying them would only hammer a failing disk or wait out the lock
+again. Either way the file is left as it was before the failed transaction
+and stays usable.
 
 Reading
 -------
@@ -337,7 +340,7 @@ class SQLiteJournal:
         call = _Append(events)
         future = call.future = asyncio.get_running_loop().create_future()
         self._pending.append(call)
-        if self._write_task is None:
+        if self._write_task is None or self._write_task.done():
             self._write_task = asyncio.create_task(
                 self._write_loop(), name=f"coda journal writer {self.path}"
             )
