@@ -162,6 +162,26 @@ def run(
             help="SQLite durability: FULL (default, survives power loss) or NORMAL.",
         ),
     ] = "FULL",
+    task_timeout: Annotated[
+        float,
+        typer.Option(
+            "--task-timeout",
+            help="Seconds a try of a task without its own timeout may run before "
+            "its worker is replaced (0: no limit).",
+        ),
+    ] = 300.0,
+    heartbeat_interval: Annotated[
+        float,
+        typer.Option("--heartbeat-interval", help="Seconds between worker pings."),
+    ] = 1.0,
+    heartbeat_timeout: Annotated[
+        float,
+        typer.Option(
+            "--heartbeat-timeout",
+            help="Seconds without an answer after which a worker is deemed hung "
+            "and replaced (an async task blocking its event loop, say).",
+        ),
+    ] = 10.0,
     verbose: Annotated[
         int,
         typer.Option(
@@ -196,6 +216,9 @@ def run(
                 token=token,
                 synchronous=synchronous.upper(),
                 log_level=level,
+                task_timeout=task_timeout or None,
+                heartbeat_interval=heartbeat_interval,
+                heartbeat_timeout=heartbeat_timeout,
             )
         )
     )

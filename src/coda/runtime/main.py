@@ -35,6 +35,9 @@ async def serve(
     worker_threads: int = 16,
     ready_file: str | None = None,
     log_level: str = "WARNING",
+    task_timeout: float | None = 300.0,
+    heartbeat_interval: float = 1.0,
+    heartbeat_timeout: float = 10.0,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly."""
     registry = load_app(app)
@@ -46,6 +49,9 @@ async def serve(
         workers=workers or os.cpu_count() or 2,
         worker_threads=worker_threads,
         log_level=log_level,
+        default_task_timeout=task_timeout,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
     )
     path = Path(socket_path) if socket_path else default_socket_path(journal_path)
     server = ClientServer(supervisor, socket_path=path, tcp=tcp, token=token)
