@@ -144,7 +144,9 @@ class CodaServer:
                     return
             if time.monotonic() > deadline:
                 await self.stop()
-                raise RuntimeError(f"coda run did not serve within {self.start_timeout}s")
+                raise RuntimeError(
+                    f"coda run did not serve within {self.start_timeout}s"
+                )
             await asyncio.sleep(0.005)
 
     async def client(self) -> Client:

@@ -22,7 +22,7 @@ TASKS_PER_RUN = 3
 async def measure(system: str, quick: bool) -> Metrics:
     runs = QUICK_RUNS if quick else RUNS
     if system != "coda":
-        return await peers.run(system, "W1", runs=runs)
+        return await peers.run(system, "W1", quick=quick, runs=runs)
     with temp_dir("w1") as tmp:
         store = str(tmp / "store.db")
         args = [
@@ -46,6 +46,7 @@ def figures(runs: int, elapsed: float) -> Metrics:
         "runs_per_s": runs / elapsed,
         "tasks_per_s": runs * TASKS_PER_RUN / elapsed,
         "seconds": elapsed,
+        "count": runs,
     }
 
 

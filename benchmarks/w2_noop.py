@@ -19,7 +19,7 @@ RUNS, QUICK_RUNS = 5000, 500
 async def measure(system: str, quick: bool) -> Metrics:
     runs = QUICK_RUNS if quick else RUNS
     if system != "coda":
-        return await peers.run(system, "W2", runs=runs)
+        return await peers.run(system, "W2", quick=quick, runs=runs)
     with temp_dir("w2") as tmp:
         async with CodaServer(tmp / "coda.db") as server:
             client = await server.client()
@@ -30,7 +30,7 @@ async def measure(system: str, quick: bool) -> Metrics:
                 elapsed = time.perf_counter() - started
             finally:
                 await client.close()
-    return {"runs_per_s": runs / elapsed, "seconds": elapsed}
+    return {"runs_per_s": runs / elapsed, "seconds": elapsed, "count": runs}
 
 
 WORKLOAD = Workload(

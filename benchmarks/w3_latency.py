@@ -20,7 +20,7 @@ WARMUP = 20
 async def measure(system: str, quick: bool) -> Metrics:
     runs = QUICK_RUNS if quick else RUNS
     if system != "coda":
-        return await peers.run(system, "W3", runs=runs)
+        return await peers.run(system, "W3", quick=quick, runs=runs)
     samples: list[float] = []
     with temp_dir("w3") as tmp:
         async with CodaServer(tmp / "coda.db") as server:
@@ -34,7 +34,7 @@ async def measure(system: str, quick: bool) -> Metrics:
                         samples.append(time.perf_counter() - started)
             finally:
                 await client.close()
-    return latency_figures(samples)
+    return latency_figures(samples) | {"count": runs}
 
 
 def latency_figures(samples: list[float]) -> Metrics:

@@ -36,6 +36,8 @@ class Workload:
     metrics: tuple[Metric, ...]
     # measure(system, quick) -> one repeat's figures. Systems: "coda" and peers.
     measure: Callable[[str, bool], Awaitable[Metrics]]
+    # The peers measured beside Coda.
+    peers: tuple[str, ...] = ("dbos", "dbos-wal", "huey")
     # Peers this workload has no equivalent for, with the reason.
     not_applicable: dict[str, str] = attrs.field(factory=dict)
     notes: str = ""
