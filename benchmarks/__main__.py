@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import os
 import sqlite3
 import sys
 import tempfile
@@ -133,6 +134,7 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                     traceback.print_exc()
                     entry["error"] = f"{type(exc).__name__}: {exc}"
                     continue
+                figures["load1"] = os.getloadavg()[0]
                 entry["repeats"].append(figures)
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in figures.items())
                 print(

@@ -237,7 +237,28 @@ def machine_info() -> dict[str, Any]:
                 mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
     import sqlite3
 
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+        dirty_files = sorted(line[3:] for line in dirty if line.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty_files = "unknown", []
     return {
+        "coda_commit": commit,
+        "coda_uncommitted": dirty_files,
+        "load_avg_at_start": list(os.getloadavg()),
         "cpu": model,
         "cores": os.cpu_count(),
         "memory_gb": mem_gb,

@@ -52,7 +52,14 @@ def tables(data: dict[str, Any], workloads: list[Workload]) -> str:
         f"Measured {machine['date']} on {machine['cpu']}, {machine['cores']} cores, "
         f"{machine['memory_gb']} GB; Python {machine['python']}, SQLite "
         f"{machine['sqlite']}; one fsync'd SQLite commit takes "
-        f"{machine['fsync_ms']:.1f} ms on this disk. "
+        f"{machine['fsync_ms']:.1f} ms on this disk. Coda at commit "
+        f"{machine.get('coda_commit', '?')}"
+        + (
+            f" with uncommitted changes to {', '.join(machine['coda_uncommitted'])}"
+            if machine.get("coda_uncommitted")
+            else ""
+        )
+        + ". "
         f"Command: `{data['command']}` ({data['repeat']} repeat(s); cells are "
         "median [min-max]).",
         "",
@@ -109,6 +116,16 @@ def tables(data: dict[str, Any], workloads: list[Workload]) -> str:
         notes = []
         if counts:
             notes.append("Count per repeat: " + ", ".join(counts) + ".")
+        loads = []
+        for system in ["coda", *peers]:
+            load = systems.get(system, {}).get("summary", {}).get("load1")
+            if load:
+                loads.append(f"{system} {load['median']:.1f}")
+        if loads:
+            notes.append(
+                "1-minute load average after each repeat (median; this machine "
+                "has 2 cores and is shared): " + ", ".join(loads) + "."
+            )
         for system in ["coda", *peers]:
             entry = systems.get(system, {})
             if "na" in entry:
