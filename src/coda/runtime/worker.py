@@ -34,7 +34,7 @@ from coda.definitions import Registry, load_app
 from coda.errors import CodaError, NondeterminismError, UnknownNameError
 from coda.journal import codec
 from coda.journal.events import ErrorInfo
-from coda.protocol import Connection, client_handshake
+from coda.protocol import Connection, ConnectionClosed, client_handshake
 from coda.replay.engine import WorkflowInstance
 from coda.runtime import faults
 from coda.runtime.wire import encode_command, encode_error
@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     faulthandler.enable()
     sys.path.insert(0, os.getcwd())
-    with contextlib.suppress(KeyboardInterrupt):
+    # A supervisor that went away (even during our handshake) leaves nobody to
+    # report to: leave quietly, as at the end of `serve`.
+    with contextlib.suppress(KeyboardInterrupt, ConnectionClosed):
         asyncio.run(_main(args.fd, args.app, args.name, args.threads))
     # Skip interpreter teardown: stuck task threads would otherwise hold us here.
     sys.stdout.flush()
