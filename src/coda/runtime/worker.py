@@ -31,10 +31,10 @@ import traceback
 from typing import Any
 
 from coda.definitions import Registry, load_app
-from coda.errors import CodaError, NondeterminismError, UnknownNameError
+from coda.errors import CodaError, NondeterminismError, ProtocolError, UnknownNameError
 from coda.journal import codec
 from coda.journal.events import ErrorInfo
-from coda.protocol import Connection, ConnectionClosed, client_handshake
+from coda.protocol import Connection, HandshakeRefused, client_handshake
 from coda.replay.engine import WorkflowInstance
 from coda.runtime import faults
 from coda.runtime.wire import encode_command, encode_error
@@ -161,7 +161,14 @@ async def _main(fd: int, app: str, name: str, threads: int) -> None:
     registry = load_app(app)
     sock = socket.socket(fileno=fd)
     conn = await Connection.from_socket(sock, name="supervisor")
-    await client_handshake(conn, "worker", worker=name, pid=os.getpid())
+    try:
+        await client_handshake(conn, "worker", worker=name, pid=os.getpid())
+    except ProtocolError as exc:
+        if isinstance(exc, HandshakeRefused):
+            raise
+        # The supervisor went away while we started (or says nonsense, which it
+        # logs on its side): nobody to work for, nothing to add.
+        return
     worker = Worker(conn, registry, name, threads)
     try:
         await worker.serve()
@@ -186,9 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     faulthandler.enable()
     sys.path.insert(0, os.getcwd())
-    # A supervisor that went away (even during our handshake) leaves nobody to
-    # report to: leave quietly, as at the end of `serve`.
-    with contextlib.suppress(KeyboardInterrupt, ConnectionClosed):
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(args.fd, args.app, args.name, args.threads))
     # Skip interpreter teardown: stuck task threads would otherwise hold us here.
     sys.stdout.flush()
