@@ -715,6 +715,7 @@ def test_a_newer_journal_is_refused_and_left_untouched(tmp_path: Path) -> None:
     conn.execute("PRAGMA user_version = 99")
     conn.close()
     before = path.read_bytes()
+    files = sorted(tmp_path.iterdir())
 
     async def main() -> None:
         for readonly in (False, True):
@@ -729,6 +730,25 @@ def test_a_newer_journal_is_refused_and_left_untouched(tmp_path: Path) -> None:
     with pytest.raises(JournalVersionError):
         read_history_sync(path, "r")
     assert path.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == files  # not even a -wal or -shm file
+
+
+def test_a_newer_version_not_yet_checkpointed_is_refused_too(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    run_async(path, lambda j: j.append(completed_run("r")))
+    newer = sqlite3.connect(path, isolation_level=None)  # a newer Coda, still open
+    newer.execute("PRAGMA wal_autocheckpoint = 0")
+    newer.execute("PRAGMA user_version = 7")  # in the WAL, not in the header yet
+    before = path.read_bytes()
+    try:
+        assert int.from_bytes(before[60:64], "big") == len(schema.MIGRATIONS)
+        with pytest.raises(JournalVersionError, match="schema version 7"):
+            asyncio.run(SQLiteJournal.open(path))
+        with pytest.raises(JournalVersionError, match="schema version 7"):
+            read_runs_sync(path)
+        assert path.read_bytes() == before
+    finally:
+        newer.close()
 
 
 def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(

@@ -235,7 +235,7 @@ def check_version(
 
 
 def not_a_journal(path: Path, exc: sqlite3.Error) -> JournalError:
-    if exc.sqlite_errorcode == sqlite3.SQLITE_NOTADB:
+    if "not a database" in str(exc):
         return JournalError(
             f"{path} is not a Coda journal (not a SQLite database: {exc}); point "
             "Coda at its journal file (the file was left untouched)"
@@ -243,10 +243,24 @@ def not_a_journal(path: Path, exc: sqlite3.Error) -> JournalError:
     return JournalError(f"cannot open journal {path}: {exc}")
 
 
-def require_file(path: Path) -> None:
+def look_at_file(path: Path) -> None:
+    """Refuse a missing file, a non-SQLite file or a newer journal from its header.
+
+    Plain file reads leave no trace; even a read-only SQLite connection may
+    create the `-wal` and `-shm` files of a journal in WAL mode. The header
+    holds the schema version as of the last checkpoint; a newer version still
+    in the WAL is caught by the checks made through SQLite afterwards.
+    """
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
         raise JournalError(f"no journal at {path}: it {what}")
+    with path.open("rb") as file:
+        header = file.read(100)
+    if not header:
+        return  # empty: a journal yet to be created
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        raise not_a_journal(path, sqlite3.DatabaseError("file is not a database"))
+    check_version(path, int.from_bytes(header[60:64], "big"), [], migrate=True)
 
 
 def ro_uri(path: Path) -> str:
@@ -255,7 +269,7 @@ def ro_uri(path: Path) -> str:
 
 
 def _connect_ro_sync(path: Path) -> sqlite3.Connection:
-    require_file(path)
+    look_at_file(path)
     try:
         conn = sqlite3.connect(ro_uri(path), uri=True, timeout=BUSY_TIMEOUT)
         version = conn.execute(USER_VERSION).fetchone()[0]

@@ -645,7 +645,7 @@ def _settle(call: _Append, error: BaseException | None) -> None:
 
 async def _inspect(path: Path, *, migrate: bool) -> None:
     """Refuse, through a read-only connection, a file this code must not open."""
-    schema.require_file(path)
+    schema.look_at_file(path)
     try:
         async with aiosqlite.connect(
             schema.ro_uri(path), uri=True, timeout=schema.BUSY_TIMEOUT
