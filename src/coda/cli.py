@@ -24,6 +24,7 @@ from typing import Annotated, Any, NoReturn
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from coda.errors import (
@@ -89,7 +90,9 @@ def _print_json(value: Any) -> None:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
+    # Never folded (scripts look for the paths and ids in it), and never read as
+    # markup: messages quote what users typed and what their code raised.
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -115,8 +118,9 @@ def _when(stamp: float | None) -> str:
 
 
 def _short(value: Any, width: int = 60) -> str:
+    """`value` for a person, cut to `width`; escaped, since rich reads markup."""
     text = orjson.dumps(value).decode() if not isinstance(value, str) else value
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def _journal_must_exist(journal: str) -> None:
@@ -290,7 +294,7 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         out.print(_short(summary["result"], 2000))
     elif summary.get("error"):
         error = summary["error"]
-        out.print(f"{error['type']}: {error['message']}")
+        out.print(escape(f"{error['type']}: {error['message']}"))
 
 
 @app.command()

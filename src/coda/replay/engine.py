@@ -208,6 +208,10 @@ class WorkflowInstance:
         self._loop = DeterministicLoop()
         self._main: asyncio.Task[Any] | None = None
         self._futures: list[asyncio.Future[Any]] = []
+        # The task of each step the current attempt spawned. A live instance is
+        # fed only the events it did not make, so its own TaskScheduled records
+        # are not in `_records`: a failed step's task name must come from here.
+        self._task_names: dict[int, str] = {}
         self._ended = False  # the current attempt's code returned or raised
         self._new: list[Command] = []
         self._divergence: NondeterminismError | None = None
@@ -277,9 +281,11 @@ class WorkflowInstance:
 
     def _start_attempt(self, attempt: int) -> None:
         self.attempt = attempt
+        self.finished = False  # a retried run's history ends a run, then reopens it
         self._loop.close()
         self._loop = DeterministicLoop()
         self._futures = []
+        self._task_names = {}
         self._ended = False
         context = contextvars.copy_context()
         context.run(_current.set, self)
@@ -328,8 +334,7 @@ class WorkflowInstance:
         if error is None:
             future.set_result(result)
         else:
-            task = self._records[(event.attempt, event.step)]
-            name = task.task if isinstance(task, TaskScheduled) else "?"
+            name = self._task_names.get(event.step, "?")
             future.set_exception(
                 TaskError(name, error.type, error.message, error.traceback, error.types)
             )
@@ -369,6 +374,7 @@ class WorkflowInstance:
         step = len(self._futures)
         future = self._loop.create_future()
         self._futures.append(future)
+        self._task_names[step] = task.name
         record = self._match(step, ("task", task.name, cache_key))
         if isinstance(record, TaskReused):
             future.set_result(record.result)

@@ -134,6 +134,10 @@ class Worker:
             reply.update(ok=True, result=value)
         else:
             reply.update(ok=False, error=encode_error(value))
+        if self.conn.closed:
+            # The worker is stopping and this try was cut short: nobody to tell,
+            # and the supervisor records the try as interrupted.
+            return
         self.conn.send(reply)
         faults.crash_point("worker.outcome_sent")
 

@@ -1,0 +1,201 @@
+"""The `coda` command line against a running supervisor: output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from coda.journal.events import (
+    RunCancelled,
+    RunRetried,
+    TaskCompleted,
+    TaskReused,
+    TaskStarted,
+)
+
+from .support import PYTHON, CodaProcess, base_env, wait_for
+
+
+@pytest.fixture
+def coda(shared_coda: CodaProcess) -> CodaProcess:
+    """One supervisor for the module: each test uses runs and files of its own."""
+    return shared_coda
+
+
+def as_json(args: dict[str, object]) -> str:
+    return json.dumps(args)
+
+
+def test_submit_wait_prints_the_result(coda: CodaProcess) -> None:
+    side = coda.workdir / "side-chain"
+    args = {"side_file": str(side), "tag": "cli", "steps": 3, "delay": 0}
+
+    done = coda.cli("submit", "chain", as_json(args), "--wait", "--json")
+
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "completed"
+    assert summary["result"] == {"tag": "cli", "results": [0, 1, 4]}
+
+    human = coda.cli("submit", "quick", '{"x": 20}', "--wait")
+    assert human.returncode == 0, human.stderr
+    assert "completed" in human.stdout
+    assert "41" in human.stdout.splitlines()[-1]
+
+
+def test_failing_workflow_exits_1(coda: CodaProcess) -> None:
+    workers = coda.worker_pids()
+
+    done = coda.cli("submit", "doomed", '{"message": "kaboom"}', "--wait", "--json")
+
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "failed"
+    assert "kaboom" in summary["error"]["message"]
+
+    waited = coda.cli("wait", summary["run_id"])
+    assert waited.returncode == 1
+    assert "kaboom" in waited.stdout
+    # A task failing is the task's business: its worker carries on.
+    assert sorted(coda.worker_pids()) == sorted(workers)
+    assert "Traceback" not in coda.log_text()
+
+
+def test_reading_an_unknown_run_exits_3(coda: CodaProcess) -> None:
+    # The last one looks like rich markup; the message must still quote it.
+    for run_id, json_flag in (("no-such-run", []), ("[/no-such-run]", ["--json"])):
+        done = coda.cli("history", run_id, *json_flag)
+        assert done.returncode == 3, (run_id, done.stdout, done.stderr)
+        assert f"'{run_id}'" in done.stderr
+        assert done.stdout == ""
+    done = coda.cli("cancel", "no-such-run")
+    assert done.returncode == 3, done.stderr
+
+
+def test_submit_without_a_supervisor_exits_4_naming_the_socket(
+    workdir: Path,
+) -> None:
+    # A journal deep in a project tree, as real ones are: the socket path makes
+    # the message longer than a terminal line.
+    project = workdir / "home-of-the-team" / "services" / "ingest-pipeline-prod"
+    project.mkdir(parents=True)
+    journal = project / "coda.db"
+    socket = project / ".coda" / "coda.db.sock"
+    assert len(str(socket)) > 80
+
+    env = base_env()
+    env.pop("COLUMNS")  # a script's pipe: rich would assume 80 columns
+    for cwd, extra in ((project, []), (workdir, ["--journal", str(journal)])):
+        done = subprocess.run(
+            [PYTHON, "-m", "coda", "submit", "quick", '{"x": 1}', *extra],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 4, done.stderr
+        assert str(socket) in done.stderr, done.stderr
+        assert done.stdout == ""
+
+
+def test_cancel_a_running_run(coda: CodaProcess) -> None:
+    marker = coda.workdir / "marker"
+    args = {"marker": str(marker), "seconds": 30}
+    submitted = coda.cli(
+        "submit", "interruptible", as_json(args), "--run-id", "cancel-me-7f3a"
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    assert submitted.stdout.strip() == "cancel-me-7f3a"
+    wait_for(marker.exists, 10, "the task to start")
+
+    # By a unique prefix of its id.
+    done = coda.cli("cancel", "cancel-me", "--reason", "changed my mind")
+
+    assert done.returncode == 0, done.stderr
+    assert "cancel-me-7f3a" in done.stdout
+    waited = coda.cli("wait", "cancel-me-7f3a", "--json")
+    assert waited.returncode == 1
+    assert json.loads(waited.stdout)["status"] == "cancelled"
+    history = coda.history("cancel-me-7f3a")
+    assert isinstance(history[-1], RunCancelled)
+    assert history[-1].reason == "changed my mind"
+    assert not any(isinstance(e, TaskCompleted) for e in history)
+
+    # Cancelled already: nothing to change.
+    again = coda.cli("cancel", "cancel-me-7f3a")
+    assert again.returncode == 1
+    listed = coda.cli("ls", "--json", "--status", "cancelled")
+    assert [json.loads(line)["run_id"] for line in listed.stdout.splitlines()] == [
+        "cancel-me-7f3a"
+    ]
+
+
+def test_retry_a_failed_run_reuses_cached_tasks(coda: CodaProcess) -> None:
+    side = coda.workdir / "side-flaky"
+    flag = coda.workdir / "flag"
+    args = {"side_file": str(side), "tag": "flaky", "flag": str(flag)}
+
+    failed = coda.cli("submit", "flaky", as_json(args), "--wait", "--json")
+
+    assert failed.returncode == 1, failed.stderr
+    summary = json.loads(failed.stdout)
+    run_id = summary["run_id"]
+    assert summary["status"] == "failed"
+    assert "is not set" in summary["error"]["message"]
+
+    flag.touch()
+    retried = coda.cli("retry", run_id[:10], "--reason", "flag set")
+    assert retried.returncode == 0, retried.stderr
+    waited = coda.cli("wait", run_id, "--json")
+
+    assert waited.returncode == 0, waited.stderr
+    summary = json.loads(waited.stdout)
+    assert summary["status"] == "completed"
+    assert summary["attempt"] == 2
+    assert summary["result"] == {"prepare": "prepared flaky", "check": "flag set"}
+
+    history = coda.history(run_id)
+    retry = [e for e in history if isinstance(e, RunRetried)]
+    assert [e.reason for e in retry] == ["flag set"]
+    reused = [e for e in history if isinstance(e, TaskReused)]
+    assert [(e.attempt, e.task, e.from_attempt, e.result) for e in reused] == [
+        (2, "prepare", 1, "prepared flaky")
+    ]
+    started = [(e.attempt, e.step) for e in history if isinstance(e, TaskStarted)]
+    assert started == [(1, 0), (1, 1), (2, 1)]
+    # The cached task ran once; the one without a cache key, once per attempt.
+    assert side.read_text().splitlines() == [
+        "flaky prepare",
+        "flaky check",
+        "flaky check",
+    ]
+
+    # The retried run's history prints, and replays locally without divergence.
+    printed = coda.cli("history", run_id)
+    assert printed.returncode == 0, printed.stderr
+    assert "TaskReused" in printed.stdout
+    replayed = coda.cli("replay", run_id, "--app", "e2e_app")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "without divergence" in replayed.stdout
+
+    # Completed now: nothing to retry.
+    assert coda.cli("retry", run_id).returncode == 1
+
+
+def test_values_are_printed_as_they_are(coda: CodaProcess) -> None:
+    """Results and arguments are data, not markup for the terminal."""
+    value = {"text": "[/x] [bold]not bold[/bold] [red]"}
+
+    done = coda.cli(
+        "submit", "echo", as_json({"value": value}), "--wait", "--run-id", "echo-markup"
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert json.dumps(value, separators=(",", ":")) in done.stdout
+    shown = coda.cli("history", "echo-markup")
+    assert shown.returncode == 0, shown.stderr
+    assert "[/x] [bold]not bold[/bold]" in shown.stdout
