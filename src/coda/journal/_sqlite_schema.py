@@ -1,22 +1,25 @@
-"""The SQLite journal's schema, its SQL, and the read-only checks and readers.
+"""The SQLite journal's schema and SQL; opening, checking and migrating files.
 
 `coda.journal.sqlite` explains the schema and how it is written. This module
-holds what both the async journal and the synchronous CLI readers need: the
-migrations, the statements, turning rows into values, and deciding from a
-read-only look whether a file may be opened at all.
+holds the rest: the migrations and statements, turning rows into values,
+deciding from a read-only look whether a file may be opened at all, opening the
+writer's connection (migrating the file first), and the synchronous read-only
+readers for the CLI.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import orjson
 
-from coda.errors import JournalError, JournalVersionError, RunNotFound
+from coda.errors import InternalError, JournalError, JournalVersionError, RunNotFound
 from coda.journal.base import RunSummary
 from coda.journal.codec import decode
 from coda.journal.events import ErrorInfo, Event
@@ -24,6 +27,8 @@ from coda.state import RunStatus
 from coda.values import loads
 
 __all__ = ["MIGRATIONS", "read_history_sync", "read_runs_sync"]
+
+logger = logging.getLogger(__name__)
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 0 -> 1: the first schema.
@@ -65,6 +70,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 """`MIGRATIONS[v]` holds the statements that take a journal from version v to v+1."""
 
 BUSY_TIMEOUT = 5.0  # seconds to wait for another process's lock before failing
+CACHE_KIB = 65536  # page cache of the writer
+# Checkpoint every ~40 MB of WAL rather than SQLite's 4 MB: a page rewritten by
+# many commits in between is copied into the database once.
+WAL_AUTOCHECKPOINT = 10000
 
 INSERT_RUN = (
     "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at, updated_at,"
@@ -303,3 +312,87 @@ def read_runs_sync(
     with closing(_connect_ro_sync(Path(path))) as conn:
         sql, params = runs_query(status, workflow, limit)
         return [summary(row) for row in conn.execute(sql, params)]
+
+
+async def inspect(path: Path, *, migrate: bool) -> None:
+    """Refuse, through a read-only connection, a file this code must not open."""
+    look_at_file(path)
+    try:
+        async with aiosqlite.connect(
+            ro_uri(path), uri=True, timeout=BUSY_TIMEOUT
+        ) as conn:
+            version = await _scalar(conn, USER_VERSION)
+            tables = [row[0] for row in await conn.execute_fetchall(TABLES)]
+    except sqlite3.Error as exc:
+        raise not_a_journal(path, exc) from exc
+    check_version(path, version, tables, migrate=migrate)
+
+
+async def open_writer(path: Path, synchronous: str) -> aiosqlite.Connection:
+    """The writer's connection: the file created or migrated, in WAL mode."""
+    try:
+        db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot open journal {path} for writing: {exc}") from exc
+    try:
+        await _migrate(db, path)
+        mode = await _scalar(db, "PRAGMA journal_mode = WAL")
+        if mode != "wal":
+            raise JournalError(
+                f"journal {path} cannot use write-ahead logging (SQLite stayed in "
+                f"{mode!r} mode); keep the journal on a local file system"
+            )
+        for pragma in (
+            f"synchronous = {synchronous}",
+            f"busy_timeout = {int(BUSY_TIMEOUT * 1000)}",
+            f"cache_size = -{CACHE_KIB}",
+            f"wal_autocheckpoint = {WAL_AUTOCHECKPOINT}",
+        ):
+            await db.execute(f"PRAGMA {pragma}")
+    except BaseException as exc:
+        await db.close()
+        if isinstance(exc, sqlite3.Error):
+            raise JournalError(f"cannot open journal {path}: {exc}") from exc
+        raise
+    return db
+
+
+async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+    """Bring the journal to this code's schema version, all in one transaction."""
+    migrations = MIGRATIONS
+    await db.execute("BEGIN IMMEDIATE")
+    version = 0
+    try:
+        # Look again inside the transaction: another process may have created
+        # or upgraded the file since `inspect`.
+        version = await _scalar(db, USER_VERSION)
+        tables = [row[0] for row in await db.execute_fetchall(TABLES)]
+        check_version(path, version, tables, migrate=True)
+        for step in migrations[version:]:
+            for statement in step:
+                await db.execute(statement)
+        if version != len(migrations):
+            await db.execute(f"PRAGMA user_version = {len(migrations)}")
+        await db.execute("COMMIT")
+    except BaseException as exc:
+        if db.in_transaction:
+            await db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise JournalError(
+                f"migrating journal {path} from schema version {version} to "
+                f"{len(migrations)} failed ({exc}); it was left at version {version}"
+            ) from exc
+        raise
+    if version != len(migrations):
+        logger.info(
+            "migrated journal %s from schema version %d to %d",
+            path,
+            version,
+            len(migrations),
+        )
+
+
+async def _scalar(db: aiosqlite.Connection, sql: str) -> Any:
+    for row in await db.execute_fetchall(sql):
+        return row[0]
+    raise InternalError(f"{sql!r} returned no row; this is a bug, please report it")

@@ -12,8 +12,8 @@ sit close together. Clustered by text run id instead, a transaction touching a
 thousand runs rewrites a thousand full pages: with raw SQLite at
 `synchronous=FULL` that measured about 40,000 events a second against about
 130,000 this way. The `history` view shows events with their text run ids, for
-people reading the file by hand. Statements and migrations are in
-`coda.journal._sqlite_schema`.
+people reading the file by hand. Statements, migrations and the opening of
+files are in `coda.journal._sqlite_schema`.
 
 Two projections are kept in the same transaction as the events they come from,
 so that they can never disagree with the history:
@@ -83,7 +83,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from coda.errors import InternalError, JournalError
+from coda.errors import JournalError
 from coda.journal import _sqlite_schema as schema
 from coda.journal._sqlite_schema import read_history_sync, read_runs_sync
 from coda.journal.base import RunSummary
@@ -109,10 +109,6 @@ __all__ = ["SYNCHRONOUS_MODES", "SQLiteJournal", "read_history_sync", "read_runs
 logger = logging.getLogger(__name__)
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL")
-_CACHE_KIB = 65536  # page cache of the writer
-# Checkpoint every ~40 MB of WAL rather than SQLite's 4 MB: a page rewritten by
-# many commits in between is copied into the database once.
-_WAL_AUTOCHECKPOINT = 10000
 _NOTHING = "nothing of this append was written"
 
 
@@ -120,8 +116,16 @@ class _RunDelta:
     """What one append, or a batch of them, changes in one run's `runs` row."""
 
     __slots__ = (
-        *("run_id", "submit", "status", "attempt", "updated_at", "count"),
-        *("result_set", "result", "error_set", "error"),
+        "attempt",
+        "count",
+        "error",
+        "error_set",
+        "result",
+        "result_set",
+        "run_id",
+        "status",
+        "submit",
+        "updated_at",
     )
 
     def __init__(self, run_id: str) -> None:
@@ -159,18 +163,30 @@ class _RunDelta:
         """The statement that applies this delta to the `runs` table, and its row."""
         if self.submit is not None:
             workflow, submitted_at = self.submit
-            status = self.status or RunStatus.PENDING.value
-            row = (self.run_id, workflow, status, self.attempt or 0, submitted_at)
             return schema.INSERT_RUN, (
-                *row,
-                *(self.updated_at, self.count, self.result, self.error),
+                self.run_id,
+                workflow,
+                self.status or RunStatus.PENDING.value,
+                self.attempt or 0,
+                submitted_at,
+                self.updated_at,
+                self.count,
+                self.result,
+                self.error,
             )
         unchanged = self.status is None and self.attempt is None
         if unchanged and not (self.result_set or self.error_set):
             return schema.TOUCH_RUN, (self.updated_at, self.count, self.run_id)
         return schema.UPDATE_RUN, (
-            *(self.status, self.attempt, self.updated_at, self.count),
-            *(self.result_set, self.result, self.error_set, self.error, self.run_id),
+            self.status,
+            self.attempt,
+            self.updated_at,
+            self.count,
+            self.result_set,
+            self.result,
+            self.error_set,
+            self.error,
+            self.run_id,
         )
 
 
@@ -284,8 +300,8 @@ class SQLiteJournal:
         # Look through a read-only connection first: a file this code must not
         # open is refused before anything could write to it.
         if readonly or path.exists():
-            await _inspect(path, migrate=not readonly)
-        writer = None if readonly else await _open_writer(path, mode)
+            await schema.inspect(path, migrate=not readonly)
+        writer = None if readonly else await schema.open_writer(path, mode)
         try:
             reader = await aiosqlite.connect(
                 schema.ro_uri(path),
@@ -641,88 +657,3 @@ def _settle(call: _Append, error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
-
-
-async def _inspect(path: Path, *, migrate: bool) -> None:
-    """Refuse, through a read-only connection, a file this code must not open."""
-    schema.look_at_file(path)
-    try:
-        async with aiosqlite.connect(
-            schema.ro_uri(path), uri=True, timeout=schema.BUSY_TIMEOUT
-        ) as conn:
-            version = await _scalar(conn, schema.USER_VERSION)
-            tables = [row[0] for row in await conn.execute_fetchall(schema.TABLES)]
-    except sqlite3.Error as exc:
-        raise schema.not_a_journal(path, exc) from exc
-    schema.check_version(path, version, tables, migrate=migrate)
-
-
-async def _open_writer(path: Path, synchronous: str) -> aiosqlite.Connection:
-    try:
-        db = await aiosqlite.connect(
-            path, timeout=schema.BUSY_TIMEOUT, isolation_level=None
-        )
-    except sqlite3.Error as exc:
-        raise JournalError(f"cannot open journal {path} for writing: {exc}") from exc
-    try:
-        await _migrate(db, path)
-        mode = await _scalar(db, "PRAGMA journal_mode = WAL")
-        if mode != "wal":
-            raise JournalError(
-                f"journal {path} cannot use write-ahead logging (SQLite stayed in "
-                f"{mode!r} mode); keep the journal on a local file system"
-            )
-        for pragma in (
-            f"synchronous = {synchronous}",
-            f"busy_timeout = {int(schema.BUSY_TIMEOUT * 1000)}",
-            f"cache_size = -{_CACHE_KIB}",
-            f"wal_autocheckpoint = {_WAL_AUTOCHECKPOINT}",
-        ):
-            await db.execute(f"PRAGMA {pragma}")
-    except BaseException as exc:
-        await db.close()
-        if isinstance(exc, sqlite3.Error):
-            raise JournalError(f"cannot open journal {path}: {exc}") from exc
-        raise
-    return db
-
-
-async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
-    """Bring the journal to this code's schema version, all in one transaction."""
-    migrations = schema.MIGRATIONS
-    await db.execute("BEGIN IMMEDIATE")
-    version = 0
-    try:
-        # Look again inside the transaction: another process may have created
-        # or upgraded the file since `_inspect`.
-        version = await _scalar(db, schema.USER_VERSION)
-        tables = [row[0] for row in await db.execute_fetchall(schema.TABLES)]
-        schema.check_version(path, version, tables, migrate=True)
-        for step in migrations[version:]:
-            for statement in step:
-                await db.execute(statement)
-        if version != len(migrations):
-            await db.execute(f"PRAGMA user_version = {len(migrations)}")
-        await db.execute("COMMIT")
-    except BaseException as exc:
-        if db.in_transaction:
-            await db.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error):
-            raise JournalError(
-                f"migrating journal {path} from schema version {version} to "
-                f"{len(migrations)} failed ({exc}); it was left at version {version}"
-            ) from exc
-        raise
-    if version != len(migrations):
-        logger.info(
-            "migrated journal %s from schema version %d to %d",
-            path,
-            version,
-            len(migrations),
-        )
-
-
-async def _scalar(db: aiosqlite.Connection, sql: str) -> Any:
-    for row in await db.execute_fetchall(sql):
-        return row[0]
-    raise InternalError(f"{sql!r} returned no row; this is a bug, please report it")
