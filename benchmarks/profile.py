@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import shutil
 import signal
 import subprocess
@@ -148,16 +149,83 @@ async def _workload(name: str, runs: int, raw: Path, rate: int) -> float:
     return runs / elapsed
 
 
+async def _recovery(raw: Path, rate: int) -> float:
+    """W4 under py-spy from the first instruction: `coda run` is py-spy's child."""
+    from benchmarks import journal_builder, w4_recovery
+    from benchmarks.harness import REPO, python_env
+
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    source = journal_builder.cached_journal(
+        w4_recovery.FINISHED_EVENTS, w4_recovery.UNFINISHED
+    )
+    with temp_dir("profile-w4") as tmp:
+        journal = journal_builder.fresh_copy(source, tmp)
+        started = time.perf_counter()
+        spy = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--subprocesses",
+                "--format",
+                "raw",
+                "--rate",
+                str(rate),
+                "--output",
+                str(raw),
+                "--",
+                sys.executable,
+                "-m",
+                "coda",
+                "run",
+                "benchmarks.apps.coda_app",
+                "--journal",
+                str(journal),
+                "--workers",
+                "2",
+            ],
+            cwd=REPO,
+            env=python_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        server = CodaServer(journal)
+        try:
+            deadline = time.monotonic() + 300
+            while not server.socket.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            client = await server.client()
+            try:
+                while (await client.stats())["completed"] < w4_recovery.UNFINISHED:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("recovery did not finish under py-spy")
+                    await asyncio.sleep(0.02)
+                elapsed = time.perf_counter() - started
+            finally:
+                await client.close()
+        finally:
+            from benchmarks.harness import children_of
+
+            for pid in children_of(spy.pid):  # the supervisor: stop it cleanly
+                os.kill(pid, signal.SIGTERM)
+            spy.wait(120)
+    return elapsed
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile")
-    parser.add_argument("workload", choices=["W1", "W2"])
+    parser.add_argument("workload", choices=["W1", "W2", "W4"])
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("profile.raw"))
     args = parser.parse_args(argv)
-    runs = args.runs or (2000 if args.workload == "W1" else 5000)
-    rate = asyncio.run(_workload(args.workload, runs, args.out, args.rate))
-    print(f"{args.workload}: {runs} runs at {rate:.0f} runs/s under py-spy")
+    if args.workload == "W4":
+        elapsed = asyncio.run(_recovery(args.out, args.rate))
+        print(f"W4: every unfinished run completed {elapsed:.1f}s after start")
+    else:
+        runs = args.runs or (2000 if args.workload == "W1" else 5000)
+        rate = asyncio.run(_workload(args.workload, runs, args.out, args.rate))
+        print(f"{args.workload}: {runs} runs at {rate:.0f} runs/s under py-spy")
     print(summarize(args.out))
 
 
