@@ -212,6 +212,21 @@ def test_calls_queued_together_share_one_transaction(tmp_path: Path) -> None:
     assert after - before == 1
 
 
+def test_a_caller_that_stops_waiting_does_not_disturb_the_writer(
+    tmp_path: Path,
+) -> None:
+    async def body(journal: SQLiteJournal) -> tuple[bool, int]:
+        waiting = asyncio.ensure_future(journal.append(completed_run("gave-up")))
+        await asyncio.sleep(0)  # queued, then the caller is cancelled
+        waiting.cancel()
+        await journal.append(completed_run("next"))
+        # Its events were taken by the writer before it gave up: the history
+        # says what happened.
+        return waiting.cancelled(), len(await journal.history("gave-up"))
+
+    assert run_async(tmp_path / "j.db", body) == (True, 3)
+
+
 def test_close_commits_what_is_queued(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
 

@@ -643,10 +643,12 @@ class SQLiteJournal:
 
 def _per_call(exc: Exception) -> bool:
     """Whether `exc` may belong to one call of a batch rather than to the file."""
-    if isinstance(exc, sqlite3.Error):
-        code = exc.sqlite_errorcode & 0xFF
-        return code in (sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_FULL)
-    return isinstance(exc, OverflowError)  # an integer too large for SQLite
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    return exc.sqlite_errorcode & 0xFF in (
+        sqlite3.SQLITE_CONSTRAINT,
+        sqlite3.SQLITE_FULL,
+    )
 
 
 def _settle(call: _Append, error: BaseException | None) -> None:
