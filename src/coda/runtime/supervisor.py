@@ -686,12 +686,16 @@ class Supervisor:
         """Start a run, or find the run with this id; (run id, created)."""
         definition = self.registry.workflow(workflow)
         while True:
+            # A submission of this id still being written comes first: its run
+            # is in `self.runs` before it is durable, and answering a duplicate
+            # from there would acknowledge what a crash can still lose.
+            pending = self._submitting.get(run_id)
+            if pending is not None:
+                await asyncio.shield(pending)
+                continue
             if run_id in self.runs:
                 return run_id, False
-            pending = self._submitting.get(run_id)
-            if pending is None:
-                break
-            await asyncio.shield(pending)
+            break
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._submitting[run_id] = done
         try:
@@ -702,7 +706,12 @@ class Supervisor:
             )
             run = LiveRun(state, [])
             self.runs[run_id] = run
-            await self._record(run, events)
+            if not await self._record(run, events):
+                self.runs.pop(run_id, None)
+                raise JournalError(
+                    f"run {run_id} could not be recorded, so it was not submitted; "
+                    "submit it again"
+                )
             self.stats.submitted += 1
             return run_id, True
         finally:

@@ -1,0 +1,72 @@
+"""Acknowledgements come after durability, even for a duplicate submission.
+
+In-process, against a journal whose appends wait for a gate: while the first
+submission of a run id is being written, a second submission of the same id
+must not be answered (it would be an acknowledgement of something that a crash
+at that moment loses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from coda.definitions import Registry, workflow
+from coda.journal.events import Event
+from coda.journal.sqlite import SQLiteJournal
+from coda.runtime.supervisor import Supervisor
+
+registry = Registry()
+
+
+@workflow(name="noop", registry=registry)
+async def noop() -> None:  # pragma: no cover - never activated: no workers
+    return None
+
+
+class GatedJournal:
+    """A journal whose appends are held until `gate` is set."""
+
+    def __init__(self, inner: SQLiteJournal) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+        self.durable: set[str] = set()
+
+    async def append(self, events: Sequence[Event]) -> None:
+        await self.gate.wait()
+        await self.inner.append(events)
+        self.durable.update(e.run_id for e in events)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_duplicate_submission_is_answered_only_once_durable(tmp_path: Path) -> None:
+    asyncio.run(_duplicate_submission(tmp_path))
+
+
+async def _duplicate_submission(tmp_path: Path) -> None:
+    inner = await SQLiteJournal.open(tmp_path / "coda.db")
+    journal = GatedJournal(inner)
+    supervisor = Supervisor(journal, "unused", registry, workers=0)  # type: ignore[arg-type]
+    journal.gate.set()
+    await supervisor.start()
+    journal.gate.clear()
+    try:
+        first = asyncio.create_task(supervisor.submit("noop", {}, "r1"))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(supervisor.submit("noop", {}, "r1"))
+        await asyncio.sleep(0.05)
+        assert not second.done() or "r1" in journal.durable, (
+            "the duplicate submission was answered before the run was durable"
+        )
+        journal.gate.set()
+        assert await first == ("r1", True)
+        assert await second == ("r1", False)
+        assert "r1" in journal.durable
+    finally:
+        journal.gate.set()
+        await supervisor.stop()
+        await inner.close()
