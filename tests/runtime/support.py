@@ -80,16 +80,26 @@ def is_running(proc: ProcessId) -> bool:
     return fields is not None and int(fields[19]) == proc[1] and fields[0] != "Z"
 
 
-def children_of(pid: int) -> list[ProcessId]:
-    """Live child processes of `pid`."""
+def _live_processes(field: int, value: int) -> list[ProcessId]:
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         fields = _stat(int(entry))
-        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
+        if fields is not None and int(fields[field]) == value and fields[0] != "Z":
             found.append((int(entry), int(fields[19])))
     return found
+
+
+def children_of(pid: int) -> list[ProcessId]:
+    """Live child processes of `pid`."""
+    return _live_processes(1, pid)
+
+
+def session_members(sid: int) -> list[ProcessId]:
+    """Live processes of session `sid`: a session leader's descendants, even
+    those whose parent has died (they are re-parented, their session stays)."""
+    return _live_processes(3, sid)
 
 
 def cmdline(pid: int) -> str:
@@ -145,6 +155,8 @@ class CodaProcess:
         self.logs: list[Path] = []
         # Every worker process seen, so that teardown can check they are gone.
         self.seen_workers: set[ProcessId] = set()
+        # Each `coda run` leads a session of its own: its pid is the session id.
+        self.sessions: list[int] = []
 
     # Lifecycle.
 
@@ -172,6 +184,7 @@ class CodaProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        self.sessions.append(self.process.pid)
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float) -> None:
@@ -252,15 +265,19 @@ class CodaProcess:
             "the supervisor's worker processes to exit",
         )
 
+    def leftovers(self) -> list[ProcessId]:
+        """Processes of the sessions of `coda run`s started here, still alive."""
+        return [p for sid in self.sessions for p in session_members(sid)]
+
     def cleanup(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.stop()
         deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and any(
-            is_running(p) for p in self.seen_workers
+        while time.monotonic() < deadline and (
+            self.leftovers() or any(is_running(p) for p in self.seen_workers)
         ):
             time.sleep(0.05)
-        for proc in self.seen_workers:
+        for proc in {*self.seen_workers, *self.leftovers()}:
             kill_exact(proc)
 
     def log_text(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 
@@ -102,3 +103,22 @@ def test_sigterm_while_clients_come_and_go(coda: CodaProcess) -> None:
     assert coda.wait_exit(timeout=10) == 0
     assert "Traceback" not in coda.log_text()
     assert " ERROR " not in coda.log_text()
+
+
+def test_sigterm_while_a_worker_is_being_replaced(coda: CodaProcess) -> None:
+    """A worker still starting when the supervisor stops is stopped with the
+    others: the supervisor leaves no process of its own behind."""
+    before = coda.worker_pids()
+    os.kill(before[0][0], signal.SIGKILL)
+    # The replacement has started and not yet said hello (a Python process
+    # importing the app takes a good fraction of a second).
+    wait_for(
+        lambda: set(coda.worker_pids()) - set(before),
+        5,
+        "the replacement worker process",
+    )
+    coda.signal(signal.SIGTERM)
+
+    assert coda.wait_exit(timeout=10) == 0
+    assert coda.leftovers() == []
+    assert "Traceback" not in coda.log_text()

@@ -81,6 +81,8 @@ class WorkerPool:
         self._quick_deaths = 0
         self._closing = False
         self._readers: set[asyncio.Task[None]] = set()
+        # Replacements being started, so that `close` can stop them too.
+        self._respawns: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await asyncio.gather(*(self._spawn() for _ in range(self.size)))
@@ -179,9 +181,14 @@ class WorkerPool:
                 "Check that the app imports cleanly",
                 delay,
             )
-        asyncio.get_running_loop().call_later(
-            delay, lambda: asyncio.ensure_future(self._respawn())
-        )
+        asyncio.get_running_loop().call_later(delay, self._start_respawn)
+
+    def _start_respawn(self) -> None:
+        if self._closing:
+            return
+        task = asyncio.ensure_future(self._respawn())
+        self._respawns.add(task)
+        task.add_done_callback(self._respawns.discard)
 
     async def _respawn(self) -> None:
         if not self._closing and len(self.workers) < self.size:
@@ -207,11 +214,15 @@ class WorkerPool:
     async def close(self, grace: float = 3.0) -> None:
         """Ask every worker to stop, and kill those that do not in time."""
         self._closing = True
+        deadline = time.monotonic() + grace
+        if self._respawns:
+            # A replacement still starting is stopped with the others, not left
+            # to find its supervisor gone in the middle of its hello.
+            await asyncio.wait(self._respawns, timeout=grace)
         for handle in list(self.workers):
             with contextlib.suppress(Exception):
                 handle.conn.send({"op": "stop"})
                 await handle.conn.drain()
-        deadline = time.monotonic() + grace
         for handle in list(self.workers):
             left = max(deadline - time.monotonic(), 0.05)
             try:
