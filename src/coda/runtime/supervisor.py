@@ -158,6 +158,12 @@ class Supervisor:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._submitting: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._queue_events: list[Event] = []
+        self._queue_jobs: list[
+            tuple[list[LiveRun], Callable[[], None] | None, asyncio.Future[bool]]
+        ] = []
+        self._flush_scheduled = False
+        self._last_batch: asyncio.Future[None] | None = None
         self._stopping = False
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -212,6 +218,8 @@ class Supervisor:
         if self._watchdog is not None:
             self._watchdog.cancel()
         await self.pool.close()
+        while self._last_batch is not None and not self._last_batch.done():
+            await asyncio.wait([self._last_batch])  # keep what was decided
         now = self.clock()
         batch: list[Event] = []
         for run in self.runs.values():
@@ -231,6 +239,86 @@ class Supervisor:
         logger.info("supervisor stopped; %d runs unfinished", len(self.runs))
 
     # Committing.
+    #
+    # Decisions are made at once, in memory; their events queue here, and once
+    # per turn of the event loop everything queued goes to the journal as one
+    # append (which the journal's group commit may merge further). What waited
+    # on those events (send a task, feed an instance, answer a client) runs
+    # once they are durable, batch after batch in the order they were decided,
+    # while the next batches are already being encoded and written.
+
+    def _write(
+        self,
+        events: list[Event],
+        runs: Iterable[LiveRun],
+        then: Callable[[], None] | None = None,
+    ) -> asyncio.Future[bool]:
+        """Queue events for the journal; the future says whether they are durable."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue_events += events
+        self._queue_jobs.append((list(runs), then, done))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return done
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        events, self._queue_events = self._queue_events, []
+        jobs, self._queue_jobs = self._queue_jobs, []
+        batch = asyncio.ensure_future(self._write_batch(events, jobs, self._last_batch))
+        self._last_batch = batch
+        self._background.add(batch)
+        batch.add_done_callback(self._background_done)
+
+    async def _write_batch(
+        self,
+        events: list[Event],
+        jobs: list[tuple[list[LiveRun], Callable[[], None] | None, Any]],
+        previous: asyncio.Future[None] | None,
+    ) -> None:
+        error: JournalError | None = None
+        try:
+            if events:
+                await self._commit(events)
+        except JournalError as exc:
+            error = exc
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        if error is not None:
+            logger.error(
+                "journal append of %d events failed: %s; the runs concerned are "
+                "reloaded from the journal",
+                len(events),
+                error,
+            )
+            await self._recover_from(jobs)
+            return
+        for _, then, done in jobs:
+            if then is not None:
+                try:
+                    then()
+                except Exception:
+                    logger.exception("supervisor step after a commit failed")
+            if not done.done():
+                done.set_result(True)
+
+    async def _recover_from(
+        self, jobs: list[tuple[list[LiveRun], Callable[[], None] | None, Any]]
+    ) -> None:
+        runs = {run.run_id: run for job in jobs for run in job[0]}
+        for _, _, done in jobs:
+            if not done.done():
+                done.set_result(False)
+        # Give a full disk a moment before the reloaded runs try again.
+        await asyncio.sleep(1.0)
+        for run in runs.values():
+            for worker in self.pool.workers:
+                for key in [k for k in worker.tries if k[0] == run.run_id]:
+                    del worker.tries[key]
+            await self._reload(run)
+            if run.run_id in self.runs:
+                self._after_change(run, None)
 
     async def _commit(self, events: list[Event]) -> None:
         faults.crash_point("supervisor.before_commit")
@@ -249,20 +337,15 @@ class Supervisor:
         if not task.cancelled() and task.exception() is not None:
             logger.error("supervisor step failed", exc_info=task.exception())
 
-    async def _record(self, run: LiveRun, events: list[Event]) -> bool:
-        """Append one run's new events, then act on them. False if not written."""
+    def _record(self, run: LiveRun, events: list[Event]) -> asyncio.Future[bool]:
+        """Queue one run's new events; act on them once durable."""
         if not events:
-            return True
+            done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            done.set_result(True)
+            return done
         run.history += events
         run.outbox += [e for e in events if _feeds(e)]
-        try:
-            await self._commit(events)
-        except JournalError as exc:
-            logger.error("run %s: journal append failed: %s", run.run_id, exc)
-            await self._reload(run)
-            return False
-        self._after_change(run, events)
-        return True
+        return self._write(events, (run,), lambda: self._after_change(run, events))
 
     async def _reload(self, run: LiveRun) -> None:
         # The in-memory state ran ahead of the journal; fold what is durable.
@@ -275,6 +358,8 @@ class Supervisor:
         assert state is not None
         run.state, run.history, run.outbox = state, history, []
         run.activating, run.host = False, None
+        if state.status.finished:
+            self._finish(run)
 
     # Reacting to a run's change: finish, activate, schedule, set timers.
 
@@ -344,7 +429,7 @@ class Supervisor:
         run.timer = None
         events = decide.start_attempt(run.state, self.clock())
         if events:
-            self._spawn(self._record(run, events))
+            self._record(run, events)
         self._scan(run)
         self._pump()
 
@@ -414,7 +499,7 @@ class Supervisor:
             1 for c in commands if type(c).__name__ == "ReuseResult"
         )
         if events:
-            self._spawn(self._record(run, events))
+            self._record(run, events)
         elif run.outbox:
             self._activate(run)
 
@@ -434,7 +519,7 @@ class Supervisor:
             run.run_id,
         )
         self.stats.parked += 1
-        self._spawn(self._record(run, decide.park(run.state, error, self.clock())))
+        self._record(run, decide.park(run.state, error, self.clock()))
 
     # Tasks.
 
@@ -487,21 +572,13 @@ class Supervisor:
             starts.append((worker, run, step))
         self._ready.extendleft(reversed(deferred))
         if starts:
-            self._spawn(self._dispatch(events, starts))
+            runs = {run.run_id: run for _, run, _ in starts}.values()
+            self._write(events, runs, lambda: self._send_tries(starts))
 
-    async def _dispatch(
-        self, events: list[Event], starts: list[tuple[WorkerHandle, LiveRun, StepState]]
+    def _send_tries(
+        self, starts: list[tuple[WorkerHandle, LiveRun, StepState]]
     ) -> None:
-        try:
-            await self._commit(events)
-        except JournalError as exc:
-            logger.error("could not record task starts: %s", exc)
-            for worker, run, step in starts:
-                worker.tries.pop(
-                    (run.run_id, step.attempt, step.step, step.try_number), None
-                )
-                await self._reload(run)
-            return
+        """Hand tries to their workers, now that their starts are durable."""
         for worker, run, step in starts:
             key = (run.run_id, step.attempt, step.step, step.try_number)
             if not worker.alive or key not in worker.tries:
@@ -521,6 +598,7 @@ class Supervisor:
         faults.crash_point("supervisor.after_dispatch")
 
     def _on_outcome(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        faults.crash_point("supervisor.outcome_received")
         key: TryKey = (msg["run"], msg["attempt"], msg["step"], msg["try"])
         if worker.tries.pop(key, "missing") == "missing":
             return  # a try this worker no longer owns (timed out, say)
@@ -537,7 +615,7 @@ class Supervisor:
             else:
                 error = decode_error(msg.get("error"))
                 events = decide.on_task_failure(run.state, *key[1:], error, now)
-            self._spawn(self._record(run, events))
+            self._record(run, events)
         self._pump()
 
     def _on_worker_message(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
@@ -595,14 +673,7 @@ class Supervisor:
             run.outbox += [e for e in events if _feeds(e)]
             batch += events
             touched[run_id] = run
-        if batch:
-            try:
-                await self._commit(batch)
-        faults.crash_point("supervisor.outcome_received")
-            except JournalError:
-                logger.exception("could not record the lost worker's tries")
-                for run in touched.values():
-                    await self._reload(run)
+        durable = self._write(batch, list(touched.values()))
         for run_id in list(worker.hosted):
             run = self.runs.get(run_id)
             if run is not None and run.host is worker:
@@ -610,18 +681,15 @@ class Supervisor:
                 run.activating = False
                 touched[run_id] = run
         worker.hosted.clear()
+        if not await durable:
+            return  # the runs were reloaded from the journal
         for run in touched.values():
-            self._after_change(run, None)
+            if run.run_id in self.runs:
+                self._after_change(run, None)
         # Runs that wait for any worker to host them.
         for run in list(self.runs.values()):
             if run.host is None and run.state.status is RunStatus.RUNNING:
                 self._activate(run)
-
-    async def _commit_quietly(self, events: list[Event]) -> None:
-        try:
-            await self._commit(events)
-        except JournalError:
-            logger.exception("could not record a lost worker's tries")
 
     async def _watch_timeouts(self) -> None:
         """Kill workers that hang: a try past its timeout, or no heartbeat.
