@@ -8,7 +8,6 @@ from workflow code with `coda.context.spawn_task`, and run them with `coda run`
 from coda import context
 from coda.definitions import Registry, TaskDef, WorkflowDef, task, workflow
 from coda.driver import LocalRunner
-from coda.runtime.client import Client, SyncClient
 from coda.errors import (
     CodaError,
     NondeterminismError,
@@ -23,6 +22,7 @@ from coda.errors import (
     ValueTooLarge,
     WorkerLost,
 )
+from coda.runtime.client import Client, SyncClient
 
 __all__ = [
     "Client",

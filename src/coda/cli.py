@@ -141,7 +141,7 @@ def run(
         str,
         typer.Argument(
             metavar="APP",
-            help="Module defining the workflows and tasks, e.g. examples.sentry_app.app",
+            help="Module defining workflows and tasks, e.g. examples.sentry_app.app",
         ),
     ],
     journal: JournalOpt = DEFAULT_JOURNAL,
@@ -367,7 +367,7 @@ def retry(
     address: AddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Retry a failed or cancelled run: a new attempt that reuses cached task results."""
+    """Retry a failed or cancelled run: a new attempt, cached task results reused."""
     _change("retry", run_id, reason, journal, address, token)
 
 
@@ -450,7 +450,7 @@ def history(
     journal: JournalOpt = DEFAULT_JOURNAL,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print a run's events; --json gives the form that `coda.replay.load_history` reads."""
+    """Print a run's events; --json prints what `coda.replay.load_history` reads."""
     from coda.journal.sqlite import read_history_sync
 
     _journal_must_exist(journal)
@@ -524,7 +524,7 @@ def doctor(
         str, typer.Argument(help="The journal file to check.")
     ] = DEFAULT_JOURNAL,
 ) -> None:
-    """Check a journal: SQLite integrity, gaps in histories, projections against the fold.
+    """Check a journal: SQLite integrity, history gaps, projections against the fold.
 
     Reports each problem and changes nothing; exits 1 if it found any.
     """

@@ -307,9 +307,11 @@ def due_steps(state: RunState, now: float) -> list[StepState]:
     return [
         step
         for step in state.steps.values()
-        if (step.attempt == state.attempt
-        and step.status is StepStatus.SCHEDULED)
-        or (step.status is StepStatus.BACKOFF and (step.retry_at or 0.0) <= now)
+        if step.attempt == state.attempt
+        and (
+            step.status is StepStatus.SCHEDULED
+            or (step.status is StepStatus.BACKOFF and (step.retry_at or 0.0) <= now)
+        )
     ]
 
 

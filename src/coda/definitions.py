@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 import attrs
 
@@ -230,7 +230,9 @@ def workflow(
     def wrap(f: Callable[P, R]) -> WorkflowDef[P, R]:
         if not inspect.iscoroutinefunction(f):
             raise TypeError(f"workflow {f.__qualname__} must be an async def")
-        definition = WorkflowDef(name=name or f.__name__, fn=f, policy=policy)
+        definition: WorkflowDef[P, R] = WorkflowDef(
+            name=name or f.__name__, fn=cast(Callable[P, R], f), policy=policy
+        )
         (registry or default_registry).add_workflow(definition)
         return definition
 

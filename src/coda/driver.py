@@ -128,7 +128,9 @@ class LocalRunner:
         state = _fold(history)
         definition = self._workflow(state.workflow)
         if state.status is RunStatus.PARKED:
-            history += await self._append(state, decide.resume(state, "driven again", self.clock()))
+            history += await self._append(
+                state, decide.resume(state, "driven again", self.clock())
+            )
         history += await self._append(
             state, decide.interrupt_started(state, self.clock(), "driver restarted")
         )
@@ -176,13 +178,13 @@ class _RunLoop:
     async def drive(self) -> Any:
         runner = self.runner
         state = self.state
-        while not state.status.finished and state.status is not RunStatus.PARKED:
+        while not _settled(state):
             now = runner.clock()
             await self._append(decide.start_attempt(state, now))
             await self._activate()
             for step in decide.due_steps(state, runner.clock()):
                 await self._start(step)
-            if state.status.finished or state.status is RunStatus.PARKED:
+            if _settled(state):
                 break
             if self.unfed:
                 continue
@@ -302,6 +304,11 @@ class _RunLoop:
                     state, step.attempt, step.step, step.try_number, value, now
                 )
             await self._append(events)
+
+
+def _settled(state: RunState) -> bool:
+    """Whether the run needs nothing more from this driver."""
+    return state.status.finished or state.status is RunStatus.PARKED
 
 
 def _cancelled_by_us() -> bool:

@@ -32,7 +32,8 @@ class MemoryJournal:
             )
             if event.seq != known:
                 raise JournalError(
-                    f"run {event.run_id}: event #{event.seq} does not follow #{known - 1}"
+                    f"run {event.run_id}: event #{event.seq} does not follow "
+                    f"#{known - 1}"
                 )
             staged.setdefault(event.run_id, []).append(event)
         for run_id, new in staged.items():

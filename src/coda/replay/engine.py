@@ -205,7 +205,7 @@ class WorkflowInstance:
         self._records: dict[tuple[int, int], Event] = {}
         self._endings: dict[int, Event] = {}
         self._cache: dict[str, tuple[Any, int]] = {}
-        self._loop = DeterministicLoop()
+        self._loop = DeterministicLoop()  # type: ignore[abstract]
         self._main: asyncio.Task[Any] | None = None
         self._futures: list[asyncio.Future[Any]] = []
         # The task of each step the current attempt spawned. A live instance is
@@ -283,7 +283,7 @@ class WorkflowInstance:
         self.attempt = attempt
         self.finished = False  # a retried run's history ends a run, then reopens it
         self._loop.close()
-        self._loop = DeterministicLoop()
+        self._loop = DeterministicLoop()  # type: ignore[abstract]
         self._futures = []
         self._task_names = {}
         self._ended = False

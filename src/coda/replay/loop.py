@@ -42,7 +42,7 @@ class DeterministicLoop(asyncio.AbstractEventLoop):
 
     # What asyncio's futures and tasks need from a loop.
 
-    def call_soon(
+    def call_soon(  # type: ignore[override]
         self,
         callback: Callable[..., object],
         *args: Any,
@@ -52,13 +52,17 @@ class DeterministicLoop(asyncio.AbstractEventLoop):
         self._ready.append(handle)
         return handle
 
-    def call_later(self, delay: float, callback: Any, *args: Any, **kw: Any) -> Any:
+    def call_later(  # type: ignore[override]
+        self, delay: float, callback: Any, *args: Any, **kw: Any
+    ) -> Any:
         raise TimersNotAllowed(
             "workflow code cannot wait on the wall clock (asyncio.sleep, timeouts): "
             "that would make replay depend on timing. Do the waiting in a task."
         )
 
-    def call_at(self, when: float, callback: Any, *args: Any, **kw: Any) -> Any:
+    def call_at(  # type: ignore[override]
+        self, when: float, callback: Any, *args: Any, **kw: Any
+    ) -> Any:
         return self.call_later(0.0, callback, *args)
 
     def time(self) -> float:

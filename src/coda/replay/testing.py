@@ -55,7 +55,8 @@ def replay(workflow: WorkflowDef[..., Any], history: Sequence[Event]) -> ReplayO
         raise CodaError("an empty history cannot be replayed")
     if state.workflow != workflow.name:
         raise CodaError(
-            f"run {state.run_id} is of workflow {state.workflow!r}, not {workflow.name!r}"
+            f"run {state.run_id} is of workflow {state.workflow!r}, "
+            f"not {workflow.name!r}"
         )
     _, commands = WorkflowInstance.from_history(workflow, history)
     error = state.error if state.status is not RunStatus.COMPLETED else None

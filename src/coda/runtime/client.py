@@ -86,8 +86,10 @@ class Client:
                 "running for this journal? (--journal, --address or CODA_ADDRESS)"
             ) from exc
         conn = Connection(reader, writer, name=f"supervisor at {target}")
-        extra = {"token": token} if token else {}
-        await client_handshake(conn, "client", **extra)
+        if token:
+            await client_handshake(conn, "client", token=token)
+        else:
+            await client_handshake(conn, "client")
         return cls(conn)
 
     async def close(self) -> None:

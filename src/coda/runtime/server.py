@@ -118,7 +118,7 @@ class ClientServer:
 
     def tcp_port(self) -> int | None:
         for server in self._servers:
-            for sock in server.sockets:
+            for sock in getattr(server, "sockets", ()):
                 if sock.family.name.startswith("AF_INET"):
                     port: int = sock.getsockname()[1]
                     return port

@@ -53,7 +53,8 @@ def encode_command(command: Command) -> dict[str, Any]:
 
 
 def decode_command(obj: Any) -> Command:
-    cls = _COMMANDS.get(obj.get("type")) if isinstance(obj, dict) else None
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    cls = _COMMANDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"not a command: {str(obj)[:200]}")
     try:
