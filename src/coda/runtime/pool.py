@@ -65,6 +65,7 @@ class WorkerPool:
         *,
         on_message: Callable[[WorkerHandle, dict[str, Any]], None],
         on_lost: Callable[[WorkerHandle], Awaitable[None]],
+        on_ready: Callable[[WorkerHandle], None] | None = None,
         threads: int = 16,
         log_level: str = "WARNING",
         env: dict[str, str] | None = None,
@@ -73,6 +74,7 @@ class WorkerPool:
         self.size = size
         self.on_message = on_message
         self.on_lost = on_lost
+        self.on_ready = on_ready
         self.threads = threads
         self.log_level = log_level
         self.env = env
@@ -129,6 +131,8 @@ class WorkerPool:
         reader = asyncio.create_task(self._read(handle))
         self._readers.add(reader)
         reader.add_done_callback(self._readers.discard)
+        if self.on_ready is not None:
+            self.on_ready(handle)
 
     async def _read(self, handle: WorkerHandle) -> None:
         try:

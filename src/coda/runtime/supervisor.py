@@ -146,6 +146,7 @@ class Supervisor:
             workers,
             on_message=self._on_worker_message,
             on_lost=self._on_worker_lost,
+            on_ready=self._on_worker_ready,
             threads=worker_threads,
             env=worker_env,
             log_level=log_level,
@@ -630,6 +631,19 @@ class Supervisor:
             worker.last_pong = time.monotonic()
         else:
             logger.warning("worker %s sent unknown message %r", worker.name, op)
+
+    def _on_worker_ready(self, worker: WorkerHandle) -> None:
+        """A worker joined: host the runs that wait for one, and send it tries.
+
+        Without this, a run whose host died while no other worker was alive (one
+        worker, or all of them lost at once) would wait for an unrelated event.
+        """
+        if self._stopping:
+            return
+        for run in list(self.runs.values()):
+            if run.host is None and run.state.status is RunStatus.RUNNING:
+                self._activate(run)
+        self._pump()
 
     async def _on_worker_lost(self, worker: WorkerHandle) -> None:
         """Reschedule a dead worker's tries and re-host its runs.
