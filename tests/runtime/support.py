@@ -1,12 +1,17 @@
 """Helpers for end-to-end tests: a real `coda run` with real worker processes.
 
-`CodaProcess` starts `python -m coda run e2e_app --journal DIR/coda.db --workers 2` in
-a fresh short directory (Unix socket paths must stay under 108 bytes), waits
-until its socket accepts a client, and at teardown stops it: SIGTERM, SIGKILL
-after a timeout, and then makes sure that none of the worker processes it was
-seen to have are left. Processes are only ever signalled by the pid this file
-started or saw as a child of it, checked against the process's start time so
-that a reused pid is never hit.
+`CodaProcess` runs `python -m coda run e2e_app --journal DIR/coda.db` with two
+workers in a fresh short directory (a Unix socket path must fit in 108 bytes)
+and waits until its socket accepts a client and both workers are up. Each
+`coda run` leads a process session of its own, so that its workers can be found
+even after it was killed and they were re-parented. At teardown it is stopped
+(SIGTERM, then SIGKILL after a timeout) and every process of its sessions must
+be gone. Only processes started here, or found as their children or session
+members, are ever signalled, by pid checked against the process's start time
+so that a reused pid is never hit.
+
+The journal is read directly (read-only) to check what happened; the CLI and
+`coda.runtime.client` are what the tests drive the supervisor with.
 """
 
 from __future__ import annotations
@@ -269,16 +274,25 @@ class CodaProcess:
         """Processes of the sessions of `coda run`s started here, still alive."""
         return [p for sid in self.sessions for p in session_members(sid)]
 
-    def cleanup(self) -> None:
+    def cleanup(self) -> list[str]:
+        """Stop everything; return what went wrong doing so (nothing, normally)."""
+        problems = []
         if self.process is not None and self.process.poll() is None:
-            self.stop()
+            code = self.stop()
+            if code != 0:
+                problems.append(f"coda run exited with {code} on SIGTERM")
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline and (
             self.leftovers() or any(is_running(p) for p in self.seen_workers)
         ):
             time.sleep(0.05)
-        for proc in {*self.seen_workers, *self.leftovers()}:
+        stragglers = {p for p in self.seen_workers if is_running(p)}
+        stragglers.update(self.leftovers())
+        for proc in stragglers:
             kill_exact(proc)
+        if stragglers:
+            problems.append(f"processes left behind, killed: {sorted(stragglers)}")
+        return problems
 
     def log_text(self) -> str:
         return "".join(
@@ -338,12 +352,14 @@ def fresh_directory() -> Iterator[Path]:
 @contextlib.contextmanager
 def running_supervisor(workdir: Path) -> Iterator[CodaProcess]:
     supervisor = CodaProcess(workdir)
+    problems: list[str] = []
     try:
         supervisor.start()
         yield supervisor
     finally:
-        supervisor.cleanup()
+        problems = supervisor.cleanup()
         # Shown by pytest for a failing test only.
         print(supervisor.log_text())
-    leftovers = [p for p in supervisor.seen_workers if is_running(p)]
-    assert not leftovers, f"worker processes left behind: {leftovers}"
+    assert not problems
+    # Whatever a test did to them, the processes never fail unexpectedly.
+    assert "Traceback" not in supervisor.log_text()

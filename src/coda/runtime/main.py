@@ -7,12 +7,16 @@ Kept apart from the supervisor so that the supervisor stays testable in-process
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from coda.definitions import load_app
+from coda.errors import CodaError
 from coda.journal.sqlite import SQLiteJournal
 from coda.runtime.client import default_socket_path
 from coda.runtime.server import ClientServer
@@ -40,42 +44,74 @@ async def serve(
     heartbeat_timeout: float = 10.0,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly."""
-    registry = load_app(app)
-    journal = await SQLiteJournal.open(journal_path, synchronous=synchronous)
-    supervisor = Supervisor(
-        journal,
-        app,
-        registry,
-        workers=workers or os.cpu_count() or 2,
-        worker_threads=worker_threads,
-        log_level=log_level,
-        default_task_timeout=task_timeout,
-        heartbeat_interval=heartbeat_interval,
-        heartbeat_timeout=heartbeat_timeout,
-    )
-    path = Path(socket_path) if socket_path else default_socket_path(journal_path)
-    server = ClientServer(supervisor, socket_path=path, tcp=tcp, token=token)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await supervisor.start()
-        await server.start()
-        logger.warning(
-            "coda: supervisor pid %d serving %s on %s with %d workers (%d runs "
-            "recovered)",
-            os.getpid(),
-            journal_path,
-            path,
-            supervisor.pool.size,
-            len(supervisor.runs),
+    with _journal_lock(journal_path):
+        registry = load_app(app)
+        journal = await SQLiteJournal.open(journal_path, synchronous=synchronous)
+        supervisor = Supervisor(
+            journal,
+            app,
+            registry,
+            workers=workers or os.cpu_count() or 2,
+            worker_threads=worker_threads,
+            log_level=log_level,
+            default_task_timeout=task_timeout,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
         )
-        if ready_file:
-            Path(ready_file).write_text(str(os.getpid()))
-        await stop.wait()
-        logger.warning("coda: stopping")
+        path = Path(socket_path) if socket_path else default_socket_path(journal_path)
+        server = ClientServer(supervisor, socket_path=path, tcp=tcp, token=token)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await supervisor.start()
+            await server.start()
+            logger.warning(
+                "coda: supervisor pid %d serving %s on %s with %d workers (%d runs "
+                "recovered)",
+                os.getpid(),
+                journal_path,
+                path,
+                supervisor.pool.size,
+                len(supervisor.runs),
+            )
+            if ready_file:
+                Path(ready_file).write_text(str(os.getpid()))
+            await stop.wait()
+            logger.warning("coda: stopping")
+        finally:
+            await server.close()
+            await supervisor.stop()
+            await journal.close()
+
+
+@contextlib.contextmanager
+def _journal_lock(journal_path: str) -> Iterator[None]:
+    """Hold the journal's lock while serving it: one supervisor per journal.
+
+    A second supervisor would recover the runs the first is running, record
+    their tries as interrupted and run them again, and take over the first
+    one's socket. The lock is an flock on a file beside the socket, which the
+    kernel releases however its holder ends, SIGKILL included, so a crashed
+    supervisor never keeps the next one out. Workers do not inherit it.
+    """
+    journal = Path(journal_path).absolute()
+    path = journal.parent / ".coda" / f"{journal.name}.lock"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise CodaError(
+                f"another supervisor (pid {holder}) is serving {journal}; stop it "
+                "before starting another, or talk to it with `coda submit` and "
+                "friends"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
     finally:
-        await server.close()
-        await supervisor.stop()
-        await journal.close()
+        os.close(fd)

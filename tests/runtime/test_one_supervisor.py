@@ -1,0 +1,50 @@
+"""One supervisor per journal: a second `coda run` on it refuses to start."""
+
+from __future__ import annotations
+
+import subprocess
+
+from coda.journal.events import TaskFailed
+
+from .support import CodaProcess, base_env, session_members, wait_for
+
+
+def test_second_supervisor_on_the_same_journal_refuses(coda: CodaProcess) -> None:
+    marker = coda.workdir / "marker"
+    with coda.client() as client:
+        run_id = client.submit(
+            "interruptible", {"marker": str(marker), "seconds": 1.5}, run_id="busy"
+        )
+        wait_for(marker.exists, 10, "the task to start")
+
+        second = subprocess.Popen(
+            coda.command(),
+            cwd=coda.workdir,
+            env=base_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            output, _ = second.communicate(timeout=20)
+        finally:
+            if second.poll() is None:
+                second.kill()
+                second.wait()
+        leftovers = session_members(second.pid)
+
+        # The first one goes on undisturbed, and is still the one clients reach.
+        result = client.result(run_id, timeout=10)
+        assert client.stats()["submitted"] == 1
+
+    assert second.returncode == 1, output
+    assert str(coda.journal) in output
+    assert f"pid {coda.pid}" in output
+    assert leftovers == []
+    assert result["first_pid"] == result["pid"]
+    history = coda.history(run_id)
+    # The second supervisor did not "recover" the run the first was running.
+    assert not [e for e in history if isinstance(e, TaskFailed)], history
+    assert coda.socket.exists()
