@@ -902,3 +902,28 @@ def test_stored_body_is_the_codec_json(tmp_path: Path) -> None:
         (e.seq, type(e).__name__) for e in events
     ]
     assert [decode(body) for _, _, body in rows] == events
+
+
+def test_no_append_can_leave_a_gap_in_a_history(tmp_path: Path) -> None:
+    """An append must continue its run exactly where the history stands: a call
+    that would skip a position is refused, alone or merged with good calls, so a
+    failed append can never leave a later one stranded after a hole."""
+
+    async def body(journal: SQLiteJournal) -> tuple[list[Any], list[int]]:
+        await journal.append([submitted("r")])
+        outcomes = await asyncio.gather(
+            journal.append([step(AttemptStarted, "r", 1, attempt=1)]),
+            journal.append([step(RunCancelled, "r", 3)]),  # skips #2
+            return_exceptions=True,
+        )
+        with pytest.raises(JournalError, match="leaves a gap"):
+            await journal.append(
+                [step(RunCancelled, "r", 2), step(RunRetried, "r", 4)]
+            )
+        return list(outcomes), [e.seq for e in await journal.history("r")]
+
+    outcomes, seqs = run_async(tmp_path / "j.db", body)
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], JournalError)
+    assert "do not continue their history" in str(outcomes[1])
+    assert seqs == [0, 1]

@@ -88,11 +88,16 @@ UPDATE_RUN = (
     " updated_at = ?3, events = events + ?4,"
     " result = CASE WHEN ?5 THEN ?6 ELSE result END,"
     " error = CASE WHEN ?7 THEN ?8 ELSE error END"
-    " WHERE run_id = ?9"
+    " WHERE run_id = ?9 AND events = ?10"
 )
 # Most events (those of tasks) change only the count and time of their run;
 # leaving the other columns out spares SQLite rewriting the status index entry.
-TOUCH_RUN = "UPDATE runs SET updated_at = ?, events = events + ? WHERE run_id = ?"
+# `events = ?` in both: an append must continue its run's history exactly where
+# it stands, so that no failure elsewhere can ever leave a gap in it.
+TOUCH_RUN = (
+    "UPDATE runs SET updated_at = ?, events = events + ? WHERE run_id = ?"
+    " AND events = ?"
+)
 UPSERT_CACHE = (
     "INSERT INTO task_cache (rk, cache_key, result, attempt, step)"
     " VALUES ((SELECT rk FROM runs WHERE run_id = ?), ?, ?, ?, ?)"

@@ -122,6 +122,7 @@ class _RunDelta:
         "error_set",
         "result",
         "result_set",
+        "first_seq",
         "run_id",
         "status",
         "submit",
@@ -134,6 +135,7 @@ class _RunDelta:
         self.status: str | None = None  # None: unchanged
         self.attempt: int | None = None
         self.updated_at = 0.0
+        self.first_seq = 0  # position of the first event this delta appends
         self.count = 0
         self.result_set = False
         self.result: str | None = None
@@ -143,11 +145,14 @@ class _RunDelta:
     def copy(self) -> _RunDelta:
         other = _RunDelta(self.run_id)
         other.submit = self.submit
+        other.first_seq = self.first_seq
         other.merge(self)
         return other
 
     def merge(self, later: _RunDelta) -> None:
         """Apply `later`, the delta of a later call, on top of this one."""
+        if later.first_seq != self.first_seq + self.count:
+            raise _NotContiguous(1)
         if later.status is not None:
             self.status = later.status
         if later.attempt is not None:
@@ -176,7 +181,12 @@ class _RunDelta:
             )
         unchanged = self.status is None and self.attempt is None
         if unchanged and not (self.result_set or self.error_set):
-            return schema.TOUCH_RUN, (self.updated_at, self.count, self.run_id)
+            return schema.TOUCH_RUN, (
+                self.updated_at,
+                self.count,
+                self.run_id,
+                self.first_seq,
+            )
         return schema.UPDATE_RUN, (
             self.status,
             self.attempt,
@@ -187,6 +197,7 @@ class _RunDelta:
             self.error_set,
             self.error,
             self.run_id,
+            self.first_seq,
         )
 
 
@@ -223,6 +234,14 @@ class _Append:
         delta = self.deltas.get(run_id)
         if delta is None:
             delta = self.deltas[run_id] = _RunDelta(run_id)
+            delta.first_seq = seq
+        elif seq != delta.first_seq + delta.count:
+            expected = delta.first_seq + delta.count
+            what = "repeats a position of its own" if seq < expected else "leaves a gap"
+            raise JournalError(
+                f"run {run_id}: event #{seq} {kind} {what} (expected #{expected}); "
+                + _NOTHING
+            )
         delta.count += 1
         delta.updated_at = event.at
         status = status_after(event)
@@ -465,7 +484,9 @@ class SQLiteJournal:
             await db.executemany(schema.INSERT_EVENT, rows)
             for statement, params in run_rows.items():
                 if params:
-                    await db.executemany(statement, params)
+                    cursor = await db.executemany(statement, params)
+                    if cursor.rowcount != len(params):
+                        raise _NotContiguous(len(params) - cursor.rowcount)
             if cache_rows:
                 await db.executemany(schema.UPSERT_CACHE, cache_rows)
             await db.execute("COMMIT")
@@ -641,8 +662,20 @@ class SQLiteJournal:
         return problems
 
 
+class _NotContiguous(Exception):
+    """Appended events of a run do not start where its history ends."""
+
+    def __init__(self, runs: int) -> None:
+        super().__init__(
+            f"{runs} run(s) would get events that do not continue their history "
+            "(a gap or an overlap)"
+        )
+
+
 def _per_call(exc: Exception) -> bool:
     """Whether `exc` may belong to one call of a batch rather than to the file."""
+    if isinstance(exc, _NotContiguous):
+        return True
     if not isinstance(exc, sqlite3.Error):
         return False
     return exc.sqlite_errorcode & 0xFF in (
