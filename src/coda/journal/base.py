@@ -43,7 +43,7 @@ class Journal(Protocol):
         """
 
     async def history(self, run_id: str) -> list[Event]:
-        """Every event of one run, in order."""
+        """Every event of one run, in order; [] for a run the journal never saw."""
 
     async def resolve(self, run_id_or_prefix: str) -> str:
         """The full run id for an id or a unique prefix; `RunNotFound` otherwise."""
@@ -61,6 +61,10 @@ class Journal(Protocol):
     async def unfinished(self) -> dict[str, list[Event]]:
         """The histories of every run that is not finished, for start-up."""
 
-    async def cached_result(self, run_id: str, cache_key: list[Any]) -> Any: ...
+    async def cached_result(self, run_id: str, cache_key: list[Any]) -> Any:
+        """The result cached under `cache_key` in the run; `KeyError` if none."""
+
+    async def integrity_problems(self) -> list[str]:
+        """What is wrong with the stored journal itself; changes nothing."""
 
     async def close(self) -> None: ...

@@ -83,6 +83,11 @@ class MemoryJournal:
     async def cached_result(self, run_id: str, cache_key: list[Any]) -> Any:
         return self._states[run_id].cache[cache_token(cache_key)][0]
 
+    async def integrity_problems(self) -> list[str]:
+        # Appends are checked as they come (positions and the fold), so the
+        # memory journal cannot hold a damaged history.
+        return []
+
     async def close(self) -> None:
         pass
 
