@@ -75,7 +75,9 @@ def kill_exact(proc: ProcessId, sig: int = signal.SIGKILL) -> bool:
 
 def env_for(crash: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO), env.get("PYTHONPATH")])
+    )
     for name in ("CODA_CRASH", "CODA_ADDRESS", "CODA_JOURNAL"):
         env.pop(name, None)
     if crash:
@@ -115,10 +117,11 @@ class Coda:
         self.close()
 
     def start(self, timeout: float = 30.0) -> None:
+        command = [PYTHON, "-m", "coda", "run", self.app]
+        command += ["--journal", str(self.journal), "--workers", str(self.workers)]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [PYTHON, "-m", "coda", "run", self.app, "--journal", str(self.journal)]
-                + ["--workers", str(self.workers), *self.args],
+                [*command, *self.args],
                 cwd=self.workdir,
                 env=env_for(),
                 stdin=subprocess.DEVNULL,
@@ -156,7 +159,9 @@ class Coda:
     def history(self, run_id: str) -> list[Event]:
         return read_history_sync(self.journal, run_id)
 
-    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [PYTHON, "-m", "coda", *args],
             cwd=self.workdir,
