@@ -141,10 +141,13 @@ class Episode:
         return self.arm.partition(":")[0] if self.arm else None
 
 
-def make_plan(seed: int, runs: int, kills: int, points: list[str]) -> list[Episode]:
+def make_plan(
+    seed: int, runs: int, kills: int, points: list[str], rounds: int = 1
+) -> list[Episode]:
+    """Episodes: each point armed `rounds` times, `kills` random SIGKILLs."""
     rng = random.Random(f"chaos-plan-{seed}")
     episodes = []
-    for point in sorted(points):
+    for point in sorted(points) * rounds:
         if point == "supervisor.shutdown":
             episodes.append(
                 Episode(
@@ -203,7 +206,8 @@ class Tally:
     worker_sigkills: int = 0
     crash_exits: int = 0
     points_armed: Counter[str] = field(default_factory=Counter)
-    points_reached: Counter[str] = field(default_factory=Counter)
+    points_reached: Counter[str] = field(default_factory=Counter)  # episodes
+    crash_hits: Counter[str] = field(default_factory=Counter)  # processes died
     submit_requests: int = 0
     submit_acks: int = 0
     resubmissions: int = 0
@@ -226,6 +230,7 @@ class Chaos:
         runs: int,
         kills: int,
         points: list[str] | None = None,
+        rounds: int = 1,
         workers: int = 2,
         delay: float = 0.01,
         finish_within: float = 60.0,
@@ -245,7 +250,7 @@ class Chaos:
         self.logs = workdir / "logs"
         self.logs.mkdir(exist_ok=True)
         self.workload = make_workload(seed, runs, delay)
-        self.plan = make_plan(seed, runs, kills, sorted(points or POINTS))
+        self.plan = make_plan(seed, runs, kills, sorted(points or POINTS), rounds)
         self.tally = Tally()
         self.problems: list[str] = []
         # What the client was told.
@@ -307,6 +312,7 @@ class Chaos:
             self.tally.crash_exits += 1
         reached = CRASH_LINE.findall(log.read_text(errors="replace"))
         self.tally.points_reached.update(set(reached))
+        self.tally.crash_hits.update(reached)
         if episode.end == "final" and proc.returncode != 0:
             self.problems.append(
                 f"the last supervisor did not stop cleanly on SIGTERM (exit code "
@@ -628,6 +634,7 @@ def run_chaos(
     runs: int,
     kills: int,
     points: list[str] | None = None,
+    rounds: int = 1,
     workers: int = 2,
     finish_within: float = 60.0,
     say: Any = None,
@@ -641,6 +648,7 @@ def run_chaos(
         runs=runs,
         kills=kills,
         points=points,
+        rounds=rounds,
         workers=workers,
         finish_within=finish_within,
         say=say,

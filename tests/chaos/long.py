@@ -1,0 +1,201 @@
+"""The long chaos run; writes its figures to docs/chaos-results.md.
+
+    .venv/bin/python -m tests.chaos.long --runs 500 --kills 100 --seed 7
+
+Same harness and checks as the CI test (`test_chaos.py`), more of everything:
+`--rounds` arms every named crash point that many times (each with its own
+count), `--kills` random SIGKILLs of workers and supervisor. Then the
+readers-beside-the-writer measurement (`readers.py`). Exit status 1 if any
+check failed; the working directory (journal, side-effect file, logs) is then
+kept and named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from coda.runtime.faults import POINTS
+from tests.chaos.harness import REPO, Report, run_chaos
+from tests.chaos.procs import Coda, short_workdir
+from tests.chaos.readers import measure
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip()
+
+
+def render(
+    args: argparse.Namespace,
+    report: Report,
+    problems: list[str],
+    readers: dict[str, Any] | None,
+    seconds: float,
+) -> str:
+    t, f = report.tally, report.figures
+    dirty = " (with uncommitted changes)" if _git("status", "--porcelain") else ""
+    command = (
+        f"python -m tests.chaos.long --runs {args.runs} --kills {args.kills} "
+        f"--rounds {args.rounds} --workers {args.workers} --seed {args.seed}"
+    )
+    crashes = sum(t.crash_hits.values())
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(f.statuses.items()))
+    lines = [
+        "# Chaos results",
+        "",
+        "Written by `tests/chaos/long.py`; what is checked and why is in",
+        "`tests/chaos/checks.py`, how the crashes are made in",
+        "`tests/chaos/harness.py`.",
+        "",
+        f"* command: `{command}`",
+        f"* when: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, commit "
+        f"{_git('rev-parse', '--short', 'HEAD')}{dirty}",
+        f"* machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}",
+        f"* duration: {seconds:.0f} s (chaos {t.seconds:.0f} s)",
+        f"* verdict: **{'PASS' if not problems else 'FAIL'}**, "
+        f"{len(problems)} problems",
+        "",
+        "## What was done",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| runs submitted (explicit run ids) | {f.runs} |",
+        f"| run outcomes | {outcomes} |",
+        f"| supervisor starts (restarts) | {t.episodes} ({t.restarts}) |",
+        f"| supervisor killed with SIGKILL | {t.supervisor_sigkills} |",
+        f"| supervisor stopped with SIGTERM | {t.supervisor_sigterms} |",
+        f"| workers killed with SIGKILL | {t.worker_sigkills} |",
+        f"| processes that died at a named crash point | {crashes} |",
+        f"| named crash points armed / reached | {len(t.points_armed)} / "
+        f"{len(t.points_reached)} of {len(POINTS)} |",
+        f"| supervisors that died before serving clients | {t.early_crashes} |",
+        f"| submit requests / acknowledged | {t.submit_requests} / {t.submit_acks} |",
+        f"| resubmissions after no acknowledgement | {t.resubmissions} |",
+        f"| duplicate submissions sent at the same moment | {t.duplicate_submits} |",
+        f"| cancel requests / acknowledged | {t.cancel_requests} / {t.cancel_acks} |",
+        f"| task steps (of which reused from cache) | {f.steps} ({f.steps_reused}) |",
+        f"| task tries started / executions seen | {f.tries_started} / "
+        f"{f.executions} |",
+        f"| tries lost to a crash (WorkerLost, Interrupted, TaskTimeout) | "
+        f"{f.crash_failures} |",
+        f"| re-executions, each explained by a lost try | "
+        f"{f.reexecutions_after_crash} |",
+        "",
+        "## What must be zero",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| acknowledged submissions missing from the journal | {f.acked_lost} |",
+        f"| runs not finished | {f.runs_unfinished} |",
+        f"| results differing from the crash-free run | {f.results_wrong} |",
+        f"| executions begun after the step's completion was recorded | "
+        f"{f.executions_after_completion} |",
+        f"| executions not explained by a durable start or a crash | "
+        f"{f.executions_unexplained} |",
+        f"| `coda doctor` problems | {f.doctor_problems} |",
+        f"| all problems found | {len(problems)} |",
+        "",
+        "## Crash points",
+        "",
+        "| point | episodes armed | episodes reached | processes died there |",
+        "| --- | --- | --- | --- |",
+    ]
+    for point in sorted(POINTS):
+        lines.append(
+            f"| `{point}` | {t.points_armed[point]} | {t.points_reached[point]} | "
+            f"{t.crash_hits[point]} |"
+        )
+    if readers is not None:
+        quiet, busy, r = readers["quiet"], readers["busy"], readers["readers"]
+        lines += [
+            "",
+            "## Readers beside a busy writer",
+            "",
+            f"Bursts of {quiet.runs} runs (`sequence`, two tasks each) submitted",
+            "at once, alone and then while `coda history` and `coda ls` ran in a",
+            "loop (subprocesses) and a thread read histories and run lists directly.",
+            "",
+            "| | completions/s | longest stretch without a completion |",
+            "| --- | --- | --- |",
+            f"| without readers | {quiet.per_second:.0f} | "
+            f"{quiet.longest_stall * 1000:.0f} ms |",
+            f"| with readers | {busy.per_second:.0f} | "
+            f"{busy.longest_stall * 1000:.0f} ms |",
+            "",
+            f"Reader calls: {r.cli_calls} `coda history`/`coda ls`, "
+            f'{r.direct_reads} direct reads; failures or "database is locked": '
+            f"{len(r.cli_failures) + len(r.direct_failures)}.",
+            "",
+            f"On {os.cpu_count()} CPUs the readers also compete with the supervisor",
+            "and its workers for the processors, which is most of any drop in",
+            "throughput; the longest stall is the figure a lock would show.",
+        ]
+    if problems:
+        lines += ["", "## Problems", ""] + [f"* {p}" for p in problems[:100]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.chaos.long")
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--kills", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000)
+    parser.add_argument("--readers-runs", type=int, default=2000)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "chaos-results.md")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="coda-chaos-", dir="/tmp"))
+    report = run_chaos(
+        workdir,
+        seed=args.seed,
+        runs=args.runs,
+        kills=args.kills,
+        rounds=args.rounds,
+        workers=args.workers,
+        finish_within=300.0,
+        say=lambda text: print(text, flush=True),
+    )
+    problems = list(report.problems)
+    unreached = sorted(POINTS - set(report.tally.points_reached))
+    if unreached:
+        problems.append(f"crash points armed but never reached: {unreached}")
+
+    readers = None
+    if args.readers_runs:
+        with (
+            short_workdir() as rdir,
+            Coda(rdir, "tests.chaos.chaos_app", workers=args.workers) as coda,
+        ):
+            readers = measure(coda, args.readers_runs, cli_calls=40)
+        r = readers["readers"]
+        problems += r.cli_failures + r.direct_failures
+
+    text = render(args, report, problems, readers, time.monotonic() - started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    if problems:
+        print(f"FAILED; kept {workdir}", file=sys.stderr)
+        return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
