@@ -73,6 +73,11 @@ def test_reading_an_unknown_run_exits_3(coda: CodaProcess) -> None:
         assert done.stdout == ""
     done = coda.cli("cancel", "no-such-run")
     assert done.returncode == 3, done.stderr
+    done = coda.cli("submit", "no-such-workflow", "{}")
+    assert done.returncode == 3, done.stderr
+    assert "no-such-workflow" in done.stderr
+    # Bad usage is 2, and is found before anything is sent.
+    assert coda.cli("submit", "quick", "{not json").returncode == 2
 
 
 def test_submit_without_a_supervisor_exits_4_naming_the_socket(

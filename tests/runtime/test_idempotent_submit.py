@@ -41,7 +41,8 @@ def test_concurrent_submits_of_one_id_make_one_run(coda: CodaProcess) -> None:
         first = await Client.connect(coda.socket)
         second = await Client.connect(coda.socket)
         try:
-            one, two = await asyncio.gather(submit_all(first), submit_all(second))
+            async with asyncio.timeout(30):
+                one, two = await asyncio.gather(submit_all(first), submit_all(second))
             results = await asyncio.gather(
                 *(first.result(r, timeout=20) for r in RUN_IDS),
                 *(second.result(r, timeout=20) for r in RUN_IDS),
