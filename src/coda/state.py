@@ -13,8 +13,11 @@ Which event may follow which is written down once, in two tables:
 `RUN_TRANSITIONS` for a run's status and `TASK_TRANSITIONS` for a task step's.
 A transition that is not in its table is illegal: `apply` raises
 `IllegalEvent`, naming the run and the event, and leaves the state as it was.
-An event's `seq` must be exactly the run's next position, so a gap or a
-duplicate is caught the same way.
+Numbering is checked the same way: an event's `seq` must be exactly the run's
+next position (so a gap or a duplicate is caught), attempts and tries count up
+by one, an attempt's steps come in order and only while it runs (nothing but
+`RunFailed` may follow its final `AttemptFailed`), and a `TaskReused` needs a
+result in the cache.
 
 A run's status depends only on its events' labels (type name, plus whether a
 failure is retried), which is what lets the journal keep its `runs` projection
@@ -113,7 +116,7 @@ RUN_TRANSITIONS: dict[tuple[RunStatus | None, str], RunStatus] = {
     (S.RUNNING, "AttemptFailed:retry"): S.RETRYING,
     (S.RUNNING, "AttemptFailed:final"): S.RUNNING,  # RunFailed follows at once
     (S.RUNNING, "RunCompleted"): S.COMPLETED,
-    (S.RUNNING, "RunFailed"): S.FAILED,
+    (S.RUNNING, "RunFailed"): S.FAILED,  # only after AttemptFailed:final
     (S.RUNNING, "RunParked"): S.PARKED,
     (S.PARKED, "RunResumed"): S.RUNNING,
     (S.FAILED, "RunRetried"): S.PENDING,
@@ -204,6 +207,7 @@ class RunState:
     status: RunStatus = RunStatus.PENDING
     attempt: int = 0
     next_step: int = 0  # number of steps the current attempt has so far
+    attempt_ended: bool = False  # the current attempt completed or failed
     next_seq: int = 1
     updated_at: float = 0.0
     retry_at: float | None = None  # when the next attempt may start
@@ -273,6 +277,16 @@ def apply(state: RunState | None, event: Event) -> RunState:
     after = RUN_TRANSITIONS.get((state.status, label))
     if after is None:
         raise IllegalEvent(run_id, event, f"the run is {state.status.value}")
+    failed_for_good = state.status is RunStatus.RUNNING and state.attempt_ended
+    if failed_for_good != (label == "RunFailed"):
+        # The table cannot tell a running attempt from one that just failed for
+        # good (the run's status stays RUNNING between the two events).
+        reason = (
+            f"attempt {state.attempt} failed for good, so RunFailed must follow"
+            if failed_for_good
+            else "no attempt failed for good"
+        )
+        raise IllegalEvent(run_id, event, reason)
     if isinstance(event, StepEvent):
         _apply_step(state, event, label)
     else:
@@ -290,17 +304,23 @@ def _apply_run(state: RunState, event: Event) -> None:
                 state.run_id, event, f"the next attempt is {state.attempt + 1}"
             )
         state.attempt = event.attempt
+        state.attempt_ended = False
         state.next_step = 0
         state.retry_at = None
     elif isinstance(event, AttemptFailed):
         _check_attempt(state, event, event.attempt)
+        state.attempt_ended = True
         state.error = event.error
         state.retry_at = event.retry_at
     elif isinstance(event, RunCompleted):
         _check_attempt(state, event, event.attempt)
+        state.attempt_ended = True
         state.result = event.result
         state.error = None
-    elif isinstance(event, (RunFailed, RunParked)):
+    elif isinstance(event, RunParked):
+        _check_attempt(state, event, event.attempt)
+        state.error = event.error
+    elif isinstance(event, RunFailed):
         state.error = event.error
     elif isinstance(event, (RunResumed, RunRetried, RunCancelled)):
         state.retry_at = None
@@ -333,17 +353,26 @@ def _apply_step(state: RunState, event: StepEvent, label: str) -> None:
             raise IllegalEvent(
                 state.run_id, event, f"the attempt's next step is {state.next_step}"
             )
+        if isinstance(event, TaskReused) and (
+            cache_token(event.cache_key) not in state.cache
+        ):
+            raise IllegalEvent(
+                state.run_id, event, f"no result is cached for key {event.cache_key!r}"
+            )
         step = _new_step(event, after)
         state.steps[key] = step
         state.next_step += 1
     elif isinstance(event, TaskStarted):
+        _check_try(state, step, event, step.try_number + 1)
         step.try_number = event.try_number
         step.retry_at = None
     elif isinstance(event, TaskCompleted):
+        _check_try(state, step, event, step.try_number)
         step.result = event.result
         if step.cache_key is not None:
             state.cache[cache_token(step.cache_key)] = (event.result, event.attempt)
     elif isinstance(event, TaskFailed):
+        _check_try(state, step, event, step.try_number)  # 0: before any try
         step.error = event.error
         step.retry_at = event.retry_at
         if event.error.is_a((LOST_WORKER,)):
@@ -351,6 +380,20 @@ def _apply_step(state: RunState, event: StepEvent, label: str) -> None:
         elif not event.error.is_a((INTERRUPTED,)):
             step.failures += 1
     step.status = after
+
+
+def _check_try(
+    state: RunState,
+    step: StepState,
+    event: TaskStarted | TaskCompleted | TaskFailed,
+    expected: int,
+) -> None:
+    if event.try_number != expected:
+        raise IllegalEvent(
+            state.run_id,
+            event,
+            f"step ({step.attempt}, {step.step}) expects try {expected}",
+        )
 
 
 def _new_step(event: StepEvent, status: StepStatus) -> StepState:
