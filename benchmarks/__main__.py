@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import sqlite3
@@ -84,6 +85,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=None, help="default 3 (quick 1)")
     parser.add_argument("--no-peers", action="store_true", help="measure Coda only")
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other workloads of the existing results/latest.json",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).resolve().parent,
@@ -148,6 +154,8 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                 keys = repeats[0].keys()
                 entry["summary"] = {k: spread([r[k] for r in repeats]) for k in keys}
         data["workloads"][workload.name] = {
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": data["command"],
             "title": workload.title,
             "systems": systems,
             "targets": {m.key: list(m.target) for m in workload.metrics if m.target},
@@ -161,6 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     data = asyncio.run(run_suite(args))
     data["elapsed_s"] = time.perf_counter() - started
+    previous = args.out / "results" / "latest.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        kept = {k: v for k, v in old["workloads"].items() if k not in data["workloads"]}
+        for entry in kept.values():
+            entry.setdefault("command", old.get("command", "?"))
+            entry.setdefault("measured_at", old["machine"].get("date", "?"))
+        data["workloads"] = kept | data["workloads"]
+        data["merged_from"] = old.get("command")
+        data["machine_of_merged"] = old["machine"]
     json_path, md_path = report.write(args.out, data, WORKLOADS)
     print(
         f"wrote {json_path} and {md_path} in {data['elapsed_s']:.0f}s", file=sys.stderr

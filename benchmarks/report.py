@@ -71,6 +71,11 @@ def tables(data: dict[str, Any], workloads: list[Workload]) -> str:
         systems = result["systems"]
         peers = [p for p in workload.peers if p in systems]
         lines += [f"### {workload.name}: {workload.title}", ""]
+        if result.get("command") and result["command"] != data["command"]:
+            lines += [
+                f"Measured {result.get('measured_at', '?')} by `{result['command']}`.",
+                "",
+            ]
         header = ["figure", "target", "Coda", "met?"]
         for peer in peers:
             header += [peer, f"Coda/{peer}"]
