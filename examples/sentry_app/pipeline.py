@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +107,17 @@ async def process(
     }
 
 
+def _supervisor_answers(journal: str) -> bool:
+    """Whether a supervisor listens for this journal (a stale socket file does not)."""
+    path = default_socket_path(journal)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _start_supervisor(journal: str, workers: int | None) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "coda", "run", "examples.sentry_app.app"]
     command += ["--journal", journal]
@@ -127,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     store_path = str(Path(args.store).absolute())
 
     supervisor = None
-    if not default_socket_path(args.journal).exists():
+    if not _supervisor_answers(args.journal):
         supervisor = _start_supervisor(args.journal, args.workers)
     try:
-        summary = asyncio.run(process(inputs, args.journal, store_path, args.project_id))
+        summary = asyncio.run(
+            process(inputs, args.journal, store_path, args.project_id)
+        )
     finally:
         if supervisor is not None:
             supervisor.send_signal(signal.SIGTERM)

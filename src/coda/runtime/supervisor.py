@@ -504,6 +504,16 @@ class Supervisor:
         elif run.outbox:
             self._activate(run)
 
+    def _on_resync(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        """The host lost the run's instance: send it the whole history again."""
+        run = self.runs.get(msg["run"])
+        if run is None or run.host is not worker:
+            return
+        run.activating = False
+        worker.hosted.discard(run.run_id)
+        run.host = None
+        self._activate(run)
+
     def _on_diverged(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
         run = self.runs.get(msg["run"])
         if run is None or run.host is not worker:
@@ -627,6 +637,8 @@ class Supervisor:
             self._on_commands(worker, msg)
         elif op == "diverged":
             self._on_diverged(worker, msg)
+        elif op == "resync":
+            self._on_resync(worker, msg)
         elif op == "pong":
             worker.last_pong = time.monotonic()
         else:

@@ -80,9 +80,14 @@ class Worker:
     def _activate(self, msg: dict[str, Any]) -> None:
         run_id = msg["run"]
         faults.crash_point("worker.activation")
+        instance = self.instances.get(run_id)
+        if instance is None and not msg.get("full"):
+            # New events for an instance this worker does not hold (dropped
+            # after an error, say): only the whole history can rebuild it.
+            self.conn.send({"op": "resync", "run": run_id})
+            return
         try:
             events = [codec.decode_dict(e) for e in msg["events"]]
-            instance = self.instances.get(run_id)
             if msg.get("full") or instance is None:
                 workflow = self.registry.workflow(msg["workflow"])
                 instance = WorkflowInstance(workflow, run_id, msg["args"])
