@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,21 @@ def test_values_are_printed_as_they_are(coda: CodaProcess) -> None:
     shown = coda.cli("history", "echo-markup")
     assert shown.returncode == 0, shown.stderr
     assert "[/x] [bold]not bold[/bold]" in shown.stdout
+
+
+def test_cancelling_a_run_stops_its_running_async_task(coda: CodaProcess) -> None:
+    started = coda.workdir / "started"
+    finished = coda.workdir / "finished"
+    args = {"started": str(started), "finished": str(finished), "seconds": 1.5}
+    submitted = coda.cli("submit", "cancellable", as_json(args), "--run-id", "stop-me")
+    assert submitted.returncode == 0, submitted.stderr
+    wait_for(started.exists, 10, "the task to start")
+
+    assert coda.cli("cancel", "stop-me").returncode == 0
+
+    # Had the try gone on, it would have written its marker 1.5 s after it
+    # started; give it twice that.
+    time.sleep(3.0)
+    assert not finished.exists()
+    history = coda.history("stop-me")
+    assert isinstance(history[-1], RunCancelled)

@@ -443,6 +443,14 @@ class Supervisor:
             run.host.hosted.discard(run.run_id)
             if run.host.alive:
                 run.host.conn.send({"op": "drop", "run": run.run_id})
+        # Tries still running for a run that ended are of no use any more.
+        for worker in self.pool.workers:
+            mine = [key for key in worker.tries if key[0] == run.run_id]
+            if mine:
+                for key in mine:
+                    del worker.tries[key]
+                if worker.alive:
+                    worker.conn.send({"op": "cancel", "run": run.run_id})
         counter = state.status.value
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         self._notify(run.run_id)

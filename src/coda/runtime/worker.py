@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import faulthandler
+import functools
 import logging
 import os
 import socket
@@ -55,6 +56,7 @@ class Worker:
             max_workers=threads, thread_name_prefix=f"coda-{name}"
         )
         self.running: set[asyncio.Task[None]] = set()
+        self.by_run: dict[str, set[asyncio.Task[None]]] = {}
 
     async def serve(self) -> None:
         while True:
@@ -66,6 +68,15 @@ class Worker:
                 task = asyncio.create_task(self._run_task(msg))
                 self.running.add(task)
                 task.add_done_callback(self.running.discard)
+                self.by_run.setdefault(msg["run"], set()).add(task)
+                task.add_done_callback(functools.partial(self._forget, msg["run"]))
+            elif op == "cancel":
+                # The run ended (cancelled, or done without awaiting this task).
+                # TODO: a plain-def task keeps running in its thread: Python
+                # cannot stop a thread, so its side effects still happen and
+                # the thread stays busy until the function returns.
+                for task in self.by_run.pop(msg["run"], ()):
+                    task.cancel()
             elif op == "activate":
                 self._activate(msg)
             elif op == "drop":
@@ -74,6 +85,13 @@ class Worker:
                 self.conn.send({"op": "pong"})
             else:
                 logger.warning("worker %s ignores unknown message %r", self.name, op)
+
+    def _forget(self, run_id: str, task: asyncio.Task[None]) -> None:
+        tasks = self.by_run.get(run_id)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self.by_run[run_id]
 
     # Workflow code.
 

@@ -149,3 +149,23 @@ async def quick(x: int) -> int:
 @coda.workflow()
 async def echo(value: Any) -> Any:
     return value
+
+
+# A task that announces itself, then finishes only if nobody cancels it.
+
+
+@coda.task(max_retries=0)
+async def sleep_then_mark(started: str, finished: str, seconds: float) -> str:
+    write_marker(started, str(os.getpid()))
+    await asyncio.sleep(seconds)
+    write_marker(finished, "finished")
+    return "finished"
+
+
+@coda.workflow()
+async def cancellable(started: str, finished: str, seconds: float) -> str:
+    result: str = await coda.context.spawn_task(
+        sleep_then_mark,
+        args={"started": started, "finished": finished, "seconds": seconds},
+    )
+    return result
