@@ -155,6 +155,7 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                 entry["summary"] = {k: spread([r[k] for r in repeats]) for k in keys}
         data["workloads"][workload.name] = {
             "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "coda_commit": data["machine"]["coda_commit"],
             "command": data["command"],
             "title": workload.title,
             "systems": systems,

@@ -170,7 +170,21 @@ class CodaServer:
         if process.poll() is None:
             process.kill()
             process.wait(10)
+        self.report_log()
         return process.returncode
+
+    def report_log(self) -> None:
+        """Echo what `coda run` logged beyond its start and stop lines."""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return
+        quiet = ("coda: supervisor pid", "coda: stopping")
+        unusual = [line for line in lines if not any(q in line for q in quiet)]
+        if unusual:
+            shown = "\n  ".join(unusual[:20])
+            more = f"\n  ... {len(unusual) - 20} more" if len(unusual) > 20 else ""
+            print(f"coda run logged:\n  {shown}{more}", file=sys.stderr, flush=True)
 
     def kill(self) -> None:
         """SIGKILL the supervisor (its workers exit when their socket closes)."""

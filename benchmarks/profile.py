@@ -155,8 +155,10 @@ async def _recovery(raw: Path, rate: int) -> float:
     from benchmarks.harness import REPO, python_env
 
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    source = journal_builder.cached_journal(
-        w4_recovery.FINISHED_EVENTS, w4_recovery.UNFINISHED
+    source = await asyncio.to_thread(
+        journal_builder.cached_journal,
+        w4_recovery.FINISHED_EVENTS,
+        w4_recovery.UNFINISHED,
     )
     with temp_dir("profile-w4") as tmp:
         journal = journal_builder.fresh_copy(source, tmp)

@@ -73,7 +73,9 @@ def tables(data: dict[str, Any], workloads: list[Workload]) -> str:
         lines += [f"### {workload.name}: {workload.title}", ""]
         if result.get("command") and result["command"] != data["command"]:
             lines += [
-                f"Measured {result.get('measured_at', '?')} by `{result['command']}`.",
+                f"Measured {result.get('measured_at', '?')} by "
+                f"`{result['command']}`, Coda at commit "
+                f"{result.get('coda_commit', '?')}.",
                 "",
             ]
         header = ["figure", "target", "Coda", "met?"]
