@@ -41,9 +41,17 @@ from coda.errors import (
 )
 from coda.journal.base import Journal
 from coda.journal.events import ErrorInfo, Event
-from coda.replay.engine import SideEffectSource, WorkflowInstance
-from coda.state import RunState, RunStatus, StepState
-from coda.values import check_json
+from coda.replay.engine import (
+    Command,
+    CompleteRun,
+    RecordSideEffect,
+    ReuseResult,
+    ScheduleTask,
+    SideEffectSource,
+    WorkflowInstance,
+)
+from coda.state import RunState, RunStatus, StepState, StepStatus
+from coda.values import DEFAULT_MAX_VALUE_BYTES, check_value
 
 __all__ = ["LocalRunner", "new_run_id"]
 
@@ -65,8 +73,10 @@ class LocalRunner:
         strict_replay: bool = True,
         side_effects: SideEffectSource | None = None,
         clock: Callable[[], float] = time.time,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
     ) -> None:
         self.journal = journal
+        self.max_value_bytes = max_value_bytes
         self.registry = registry or default_registry
         self.strict_replay = strict_replay
         self.side_effects = side_effects
@@ -112,7 +122,7 @@ class LocalRunner:
     ) -> str:
         definition = self._workflow(workflow)
         args = {} if args is None else args
-        check_json(args, f"args of workflow {definition.name}")
+        check_value(args, f"args of workflow {definition.name}", self.max_value_bytes)
         run_id = run_id or new_run_id()
         if await self.journal.run(run_id) is not None:
             return run_id  # the same id twice is the same run
@@ -170,10 +180,15 @@ class _RunLoop:
         self.state = state
         self.history = history
         self.instance = WorkflowInstance(
-            definition, state.run_id, state.args, side_effects=runner.side_effects
+            definition,
+            state.run_id,
+            state.args,
+            side_effects=runner.side_effects,
+            max_value_bytes=runner.max_value_bytes,
         )
         self.unfed: list[Event] = list(history)
         self.running: dict[asyncio.Task[Any], StepState] = {}
+        self.divergence: NondeterminismError | None = None
 
     async def drive(self) -> Any:
         runner = self.runner
@@ -182,16 +197,21 @@ class _RunLoop:
             now = runner.clock()
             await self._append(decide.start_attempt(state, now))
             await self._activate()
+            if self.divergence is not None:
+                break
             for step in decide.due_steps(state, runner.clock()):
                 await self._start(step)
             if _settled(state):
                 break
-            if self.unfed:
-                continue
+            if self.unfed and state.status is RunStatus.RUNNING:
+                continue  # the code has results to see; a waiting run has not
             await self._wait()
 
         for task in self.running:
             task.cancel()
+        await asyncio.gather(*self.running, return_exceptions=True)
+        if self.divergence is not None:
+            raise self.divergence
         if state.status is RunStatus.COMPLETED:
             return state.result
         error = state.error or ErrorInfo("coda.errors.CodaError", "unknown")
@@ -215,30 +235,43 @@ class _RunLoop:
         try:
             commands = self.instance.activate(feed)
         except NondeterminismError as exc:
-            logger.warning("run %s parked: %s", self.state.run_id, exc)
-            await self._append(decide.park(self.state, _divergence_info(exc), now))
-            self.unfed = []
+            await self._diverged(exc, now)
             return
         await self._append(decide.on_commands(self.state, commands, now))
         # The instance made these events itself; feeding them back would only
         # confirm what it knows.
         self.unfed = []
         if self.runner.strict_replay:
-            self._check_full_replay()
+            try:
+                self._check_full_replay()
+            except NondeterminismError as exc:
+                await self._diverged(exc, now)
 
     def _check_full_replay(self) -> None:
         # A fresh instance fed the whole history must agree with the live one:
         # no divergence, nothing new to do. Anything else means the workflow
         # code depends on something its history does not hold.
-        _, commands = WorkflowInstance.from_history(self.definition, self.history)
+        _, commands = WorkflowInstance.from_history(
+            self.definition, self.history, max_value_bytes=self.runner.max_value_bytes
+        )
         if commands:
+            first = commands[0]
+            step = getattr(first, "step", self.state.next_step)
             raise NondeterminismError(
                 self.state.run_id,
-                self.state.attempt,
-                -1,
-                "nothing left to do after replaying the whole history",
-                f"new commands {commands!r}",
+                first.attempt,
+                step,
+                "nothing more (the live run stopped here)",
+                f"{_describe(first)} on replay",
             )
+
+    async def _diverged(self, exc: NondeterminismError, now: float) -> None:
+        # Park the run if it still runs (strict replay may catch a divergence
+        # only once the run has ended) and stop, to raise `exc` to the caller.
+        logger.warning("run %s diverged from its history: %s", exc.run_id, exc)
+        await self._append(decide.park(self.state, _divergence_info(exc), now))
+        self.unfed = []
+        self.divergence = exc
 
     async def _start(self, step: StepState) -> None:
         now = self.runner.clock()
@@ -263,7 +296,7 @@ class _RunLoop:
                 result = await asyncio.wait_for(call, step.timeout)
             else:
                 result = await call
-            check_json(result, f"result of task {step.task}")
+            check_value(result, f"result of task {step.task}", runner.max_value_bytes)
         except TimeoutError:
             info = ErrorInfo.from_exception(
                 TaskTimeout(f"task {step.task} ran past its timeout of {step.timeout}s")
@@ -278,19 +311,32 @@ class _RunLoop:
 
     async def _wait(self) -> None:
         state = self.state
+        # Wait for a task to finish or the next backoff to end, whichever is
+        # first: the next attempt, or a step's next try, need not wait for a
+        # long task of an earlier attempt.
+        due = [
+            s.retry_at
+            for s in state.steps.values()
+            if s.attempt == state.attempt
+            and s.status is StepStatus.BACKOFF
+            and s.retry_at is not None
+        ]
+        if state.status is RunStatus.RETRYING and state.retry_at is not None:
+            due.append(state.retry_at)
+        timeout = max(0.0, min(due) - self.runner.clock()) if due else None
         if not self.running:
-            # Nothing in flight: sleep until the next backoff ends.
-            due = [s.retry_at for s in state.steps.values() if s.retry_at is not None]
-            if state.retry_at is not None:
-                due.append(state.retry_at)
-            if not due:
+            if timeout is None:
                 raise RuntimeError(
-                    f"run {state.run_id} is stuck: no task in flight, nothing due; "
-                    "this is a bug, please report it"
+                    f"run {state.run_id} is stuck: no task in flight and nothing "
+                    "due, so its workflow code waits on something that is not a "
+                    "step (workflow code may await only spawned tasks); if it does "
+                    "not, this is a bug in Coda, please report it"
                 )
-            await asyncio.sleep(max(0.0, min(due) - self.runner.clock()))
+            await asyncio.sleep(timeout)
             return
-        done, _ = await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            self.running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         for task in sorted(done, key=lambda t: self.running[t].step):
             step = self.running.pop(task)
             ok, value = task.result()
@@ -314,6 +360,21 @@ def _settled(state: RunState) -> bool:
 def _cancelled_by_us() -> bool:
     current = asyncio.current_task()
     return current is not None and current.cancelling() > 0
+
+
+def _describe(command: Command) -> str:
+    if isinstance(command, (ScheduleTask, ReuseResult)):
+        key = (
+            ""
+            if command.cache_key is None
+            else f" with cache_key {command.cache_key!r}"
+        )
+        return f"task {command.task!r}{key}"
+    if isinstance(command, RecordSideEffect):
+        return f"side effect {command.kind}()"
+    if isinstance(command, CompleteRun):
+        return "the attempt completed"
+    return f"the attempt failed with {command.error.type}"
 
 
 def _divergence_info(exc: NondeterminismError) -> ErrorInfo:

@@ -73,7 +73,7 @@ from coda.journal.events import (
 )
 from coda.replay.loop import DeterministicLoop
 from coda.state import cache_token
-from coda.values import check_json
+from coda.values import DEFAULT_MAX_VALUE_BYTES, check_json, check_value
 
 __all__ = [
     "Command",
@@ -195,8 +195,10 @@ class WorkflowInstance:
         args: dict[str, Any],
         *,
         side_effects: SideEffectSource | None = None,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
     ) -> None:
         self.workflow = workflow
+        self.max_value_bytes = max_value_bytes
         self.run_id = run_id
         self.args = args
         self.side_effects: SideEffectSource = side_effects or RealSideEffects()
@@ -223,12 +225,19 @@ class WorkflowInstance:
         history: Sequence[Event],
         *,
         side_effects: SideEffectSource | None = None,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
     ) -> tuple[WorkflowInstance, list[Command]]:
         """A fresh instance fed a whole history: the pure replay entry point."""
         if not history or not isinstance(history[0], RunSubmitted):
             raise CodaError("a history starts with the run's RunSubmitted event")
         first = history[0]
-        instance = cls(workflow, first.run_id, first.args, side_effects=side_effects)
+        instance = cls(
+            workflow,
+            first.run_id,
+            first.args,
+            side_effects=side_effects,
+            max_value_bytes=max_value_bytes,
+        )
         return instance, instance.activate(history)
 
     @property
@@ -296,7 +305,8 @@ class WorkflowInstance:
         attempt = self.attempt
         try:
             result = await self.workflow.fn(**self.args)
-            check_json(result, f"result of workflow {self.workflow.name}")
+            where = f"result of workflow {self.workflow.name}"
+            check_value(result, where, self.max_value_bytes)
         except GeneratorExit:
             raise  # the attempt was dropped; its coroutine is being closed
         except BaseException as exc:  # every failure of workflow code is recorded
@@ -365,7 +375,7 @@ class WorkflowInstance:
             )
         if not isinstance(args, dict):
             raise TypeError(f"args of task {task.name} must be a dict of keyword args")
-        check_json(args, f"args of task {task.name}")
+        check_value(args, f"args of task {task.name}", self.max_value_bytes)
         if cache_key is not None:
             if not isinstance(cache_key, list):
                 raise TypeError(f"cache_key of task {task.name} must be a list")
