@@ -636,6 +636,7 @@ def run_chaos(
     points: list[str] | None = None,
     rounds: int = 1,
     workers: int = 2,
+    delay: float = 0.01,
     finish_within: float = 60.0,
     say: Any = None,
 ) -> Report:
@@ -650,6 +651,7 @@ def run_chaos(
         points=points,
         rounds=rounds,
         workers=workers,
+        delay=delay,
         finish_within=finish_within,
         say=say,
     )

@@ -11,7 +11,7 @@ def test_readers_beside_a_busy_supervisor_never_fail_nor_see_a_lock() -> None:
         short_workdir() as workdir,
         Coda(workdir, "tests.chaos.chaos_app", workers=2) as coda,
     ):
-        figures = measure(coda, runs=2000, cli_calls=10)
+        figures = measure(coda, runs=1500, cli_calls=6)
         readers = figures["readers"]
         print(describe(figures))
         assert readers.cli_calls > 0 and readers.direct_reads > 0

@@ -1,7 +1,8 @@
 """Tasks that kill, hang or abuse their worker, through a real `coda run`.
 
 One worker, so that "the same worker answered the next task" is a question of
-pids. Small heartbeat settings, so that a hung worker is found in a second.
+pids. Small heartbeat settings for the hung worker, so that it is found in two
+seconds rather than ten.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ from coda.journal.events import TaskCompleted, TaskFailed, TaskScheduled
 from tests.chaos.procs import Coda, short_workdir, wait_finished
 
 APP = "tests.chaos.failures_app"
-HEARTBEAT = ("--heartbeat-interval", "0.2", "--heartbeat-timeout", "1.5")
+HEARTBEAT = ("--heartbeat-interval", "0.2", "--heartbeat-timeout", "2")
 
 
 @pytest.fixture
 def coda() -> Iterator[Coda]:
-    with short_workdir() as workdir, Coda(workdir, APP, *HEARTBEAT) as supervisor:
+    with short_workdir() as workdir, Coda(workdir, APP) as supervisor:
         yield supervisor
         print(supervisor.log_text())  # shown for a failing test only
+
+
+@pytest.fixture
+def coda_quick_heartbeat() -> Iterator[Coda]:
+    with short_workdir() as workdir, Coda(workdir, APP, *HEARTBEAT) as supervisor:
+        yield supervisor
+        print(supervisor.log_text())
 
 
 def _run(coda: Coda, workflow: str, args: dict[str, Any], timeout: float) -> Any:
@@ -98,8 +106,9 @@ def test_base_exceptions_are_failures_of_their_task_and_the_worker_survives(
 
 
 def test_an_async_task_blocking_the_loop_is_found_by_the_heartbeat(
-    coda: Coda,
+    coda_quick_heartbeat: Coda,
 ) -> None:
+    coda = coda_quick_heartbeat
     [worker] = coda.worker_pids()
     run_id, summary = _run(coda, "call", {"names": ["blocks_the_loop"]}, timeout=60)
 
