@@ -9,11 +9,15 @@ at that moment loses).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from coda.definitions import Registry, workflow
+from coda.errors import JournalError
 from coda.journal.events import Event
 from coda.journal.sqlite import SQLiteJournal
 from coda.runtime.supervisor import Supervisor
@@ -70,3 +74,61 @@ async def _duplicate_submission(tmp_path: Path) -> None:
         journal.gate.set()
         await supervisor.stop()
         await inner.close()
+
+
+class RefusingJournal(GatedJournal):
+    """Refuses the appends of runs named in `refuse`, as a full disk would."""
+
+    def __init__(self, inner: SQLiteJournal) -> None:
+        super().__init__(inner)
+        self.gate.set()
+        self.refuse: set[str] = set()
+
+    async def append(self, events: Sequence[Event]) -> None:
+        if self.refuse & {e.run_id for e in events}:
+            raise JournalError("the disk is full (refused on purpose)")
+        await super().append(events)
+
+
+def test_a_submission_the_journal_refused_is_not_acknowledged(
+    tmp_path: Path,
+) -> None:
+    asyncio.run(_refused_submission(tmp_path))
+
+
+async def _refused_submission(tmp_path: Path) -> None:
+    inner = await SQLiteJournal.open(tmp_path / "coda.db")
+    journal = RefusingJournal(inner)
+    supervisor = Supervisor(journal, "unused", registry, workers=0)  # type: ignore[arg-type]
+    failures: list[str] = []
+    handler = _Collect(failures)
+    logging.getLogger("coda.runtime.supervisor").addHandler(handler)
+    await supervisor.start()
+    try:
+        journal.refuse.add("r1")
+        with pytest.raises(JournalError):
+            await supervisor.submit("noop", {}, "r1")
+        # Not acknowledged, so not a run: asking again must create it.
+        assert "r1" not in supervisor.runs
+        await asyncio.sleep(1.5)  # the supervisor's own recovery from the failure
+        assert "r1" not in supervisor.runs
+        journal.refuse.clear()
+        assert await supervisor.submit("noop", {}, "r1") == ("r1", True)
+        assert "r1" in journal.durable
+        assert failures == []
+    finally:
+        logging.getLogger("coda.runtime.supervisor").removeHandler(handler)
+        await supervisor.stop()
+        await inner.close()
+
+
+class _Collect(logging.Handler):
+    """Collects the supervisor's reports of its own steps failing."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.into.append(self.format(record))

@@ -314,11 +314,13 @@ class Supervisor:
         # Give a full disk a moment before the reloaded runs try again.
         await asyncio.sleep(1.0)
         for run in runs.values():
+            if self.runs.get(run.run_id) is not run:
+                continue  # finished meanwhile, or a refused submission
             for worker in self.pool.workers:
                 for key in [k for k in worker.tries if k[0] == run.run_id]:
                     del worker.tries[key]
             await self._reload(run)
-            if run.run_id in self.runs:
+            if self.runs.get(run.run_id) is run:  # not gone, nor submitted anew
                 self._after_change(run, None)
 
     async def _commit(self, events: list[Event]) -> None:
@@ -356,7 +358,12 @@ class Supervisor:
             logger.exception("run %s: cannot reread its history", run.run_id)
             return
         state = fold(history)
-        assert state is not None
+        if state is None:
+            # A submission the journal refused: nothing of the run is durable,
+            # and `submit` told its client so.
+            if self.runs.get(run.run_id) is run:
+                del self.runs[run.run_id]
+            return
         run.state, run.history, run.outbox = state, history, []
         run.activating, run.host = False, None
         if state.status.finished:
