@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for entry in kept.values():
             entry.setdefault("command", old.get("command", "?"))
             entry.setdefault("measured_at", old["machine"].get("date", "?"))
+            entry.setdefault("coda_commit", old["machine"].get("coda_commit", "?"))
         data["workloads"] = kept | data["workloads"]
         data["merged_from"] = old.get("command")
         data["machine_of_merged"] = old["machine"]
