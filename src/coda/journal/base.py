@@ -9,13 +9,16 @@ same methods, not a change to their callers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from coda.journal.events import ErrorInfo, Event
 
-__all__ = ["Journal", "RunSummary"]
+if TYPE_CHECKING:
+    from coda.state import RunState
+
+__all__ = ["Journal", "RunSummary", "summarize"]
 
 
 @attrs.frozen
@@ -31,6 +34,21 @@ class RunSummary:
     events: int
     result: Any = None
     error: ErrorInfo | None = None
+
+
+def summarize(state: RunState) -> RunSummary:
+    """The `runs` row that a run's state amounts to."""
+    return RunSummary(
+        run_id=state.run_id,
+        workflow=state.workflow,
+        status=state.status.value,
+        attempt=state.attempt,
+        submitted_at=state.submitted_at,
+        updated_at=state.updated_at,
+        events=state.next_seq,
+        result=state.result,
+        error=state.error,
+    )
 
 
 class Journal(Protocol):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from coda.errors import JournalError, RunNotFound
-from coda.journal.base import RunSummary
+from coda.journal.base import RunSummary, summarize
 from coda.journal.events import Event
 from coda.state import RunState, apply, cache_token
 
@@ -60,14 +60,14 @@ class MemoryJournal:
 
     async def run(self, run_id: str) -> RunSummary | None:
         state = self._states.get(run_id)
-        return None if state is None else _summary(state)
+        return None if state is None else summarize(state)
 
     async def runs(
         self, status: str | None = None, workflow: str | None = None, limit: int = 100
     ) -> list[RunSummary]:
         states = sorted(self._states.values(), key=lambda s: -s.submitted_at)
         return [
-            _summary(s)
+            summarize(s)
             for s in states
             if (status is None or s.status.value == status)
             and (workflow is None or s.workflow == workflow)
@@ -90,17 +90,3 @@ class MemoryJournal:
 
     async def close(self) -> None:
         pass
-
-
-def _summary(state: RunState) -> RunSummary:
-    return RunSummary(
-        run_id=state.run_id,
-        workflow=state.workflow,
-        status=state.status.value,
-        attempt=state.attempt,
-        submitted_at=state.submitted_at,
-        updated_at=state.updated_at,
-        events=state.next_seq,
-        result=state.result,
-        error=state.error,
-    )

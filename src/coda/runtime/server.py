@@ -42,7 +42,6 @@ from coda.protocol import Connection, server_handshake
 from coda.runtime import faults
 from coda.runtime.supervisor import Supervisor
 from coda.runtime.wire import encode_error
-from coda.values import check_json
 
 __all__ = ["ClientServer", "summary_dict"]
 
@@ -196,14 +195,18 @@ class ClientServer:
         args = msg.get("args") or {}
         if not isinstance(args, dict):
             raise BadRequest("bad-request", "submit's 'args' must be a JSON object")
-        check_json(args, "args")
-        run_id = msg.get("run_id") or uuid.uuid4().hex
+        # No check_json here: a frame's payload was parsed as JSON, so `args`
+        # is a JSON value already.
+        chosen = msg.get("run_id")
+        run_id = chosen or uuid.uuid4().hex
         if not isinstance(run_id, str) or not RUN_ID.match(run_id):
             raise BadRequest(
                 "bad-request",
                 f"run id {run_id!r} is not valid: 1-128 letters, digits and _.:@-",
             )
-        run_id, created = await self.supervisor.submit(workflow, args, run_id)
+        run_id, created = await self.supervisor.submit(
+            workflow, args, run_id, fresh=not chosen
+        )
         return {"op": "submitted", "run_id": run_id, "created": created}
 
     async def _summary(self, run_id: str) -> dict[str, Any]:
@@ -222,8 +225,10 @@ class ClientServer:
 
     async def _wait(self, msg: dict[str, Any]) -> dict[str, Any]:
         run_id = await self._resolve(msg)
-        await self.supervisor.wait(run_id)
-        return await self._summary(run_id)
+        summary = await self.supervisor.wait(run_id)
+        if summary is None:
+            return await self._summary(run_id)
+        return {"op": "run", **summary_dict(summary)}
 
     async def _status(self, msg: dict[str, Any]) -> dict[str, Any]:
         return await self._summary(await self._resolve(msg))

@@ -49,7 +49,7 @@ from coda import decide
 from coda.definitions import Registry
 from coda.errors import CodaError, Interrupted, JournalError, TaskTimeout
 from coda.journal import codec
-from coda.journal.base import Journal
+from coda.journal.base import Journal, RunSummary, summarize
 from coda.journal.events import (
     AttemptFailed,
     AttemptStarted,
@@ -59,6 +59,7 @@ from coda.journal.events import (
     TaskCompleted,
     TaskFailed,
     TaskScheduled,
+    TaskStarted,
 )
 from coda.runtime import faults
 from coda.runtime.pool import TryKey, WorkerHandle, WorkerPool
@@ -76,6 +77,13 @@ def _is_due(state: RunState, step: StepState, now: float) -> bool:
     if step.status is StepStatus.SCHEDULED:
         return True
     return step.status is StepStatus.BACKOFF and (step.retry_at or 0.0) <= now
+
+
+def _bookkeeping(event: Event) -> bool:
+    """Events of tries that workflow code never sees (starts, retried failures)."""
+    if isinstance(event, TaskStarted):
+        return True
+    return isinstance(event, TaskFailed) and event.retry_at is not None
 
 
 def _feeds(event: Event) -> bool:
@@ -156,7 +164,7 @@ class Supervisor:
         self._queued: set[tuple[str, int, int]] = set()
         # Steps whose last try died with others on one worker: they run alone.
         self._suspects: set[tuple[str, int, int]] = set()
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[RunSummary]]] = {}
         self._submitting: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._queue_events: list[Event] = []
@@ -348,7 +356,17 @@ class Supervisor:
             return done
         run.history += events
         run.outbox += [e for e in events if _feeds(e)]
-        return self._write(events, (run,), lambda: self._after_change(run, events))
+        done = self._write(events, (run,), lambda: self._after_change(run, events))
+        # Steps scheduled here can start at once: their TaskStarted events join
+        # the same append, and the tries go out only once both are durable.
+        scheduled = [e for e in events if isinstance(e, TaskScheduled)]
+        if scheduled and run.state.status is RunStatus.RUNNING:
+            for event in scheduled:
+                step = run.state.steps[(event.attempt, event.step)]
+                if step.status is StepStatus.SCHEDULED:
+                    self._queue(run, step)
+            self._pump()
+        return done
 
     async def _reload(self, run: LiveRun) -> None:
         # The in-memory state ran ahead of the journal; fold what is durable.
@@ -378,7 +396,7 @@ class Supervisor:
             self._finish(run)
             return
         if state.status is RunStatus.PARKED:
-            self._notify(run.run_id)
+            self._notify(run)
             return
         if events is None:
             self._scan(run)
@@ -460,13 +478,16 @@ class Supervisor:
                     worker.conn.send({"op": "cancel", "run": run.run_id})
         counter = state.status.value
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-        self._notify(run.run_id)
+        self._notify(run)
         logger.debug("run %s %s", run.run_id, counter)
 
-    def _notify(self, run_id: str) -> None:
-        for waiter in self._waiters.pop(run_id, []):
-            if not waiter.done():
-                waiter.set_result(None)
+    def _notify(self, run: LiveRun) -> None:
+        waiters = self._waiters.pop(run.run_id, None)
+        if waiters:
+            summary = summarize(run.state)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(summary)
 
     # Workflow activations.
 
@@ -481,7 +502,8 @@ class Supervisor:
                 return  # no worker yet; activated when one connects
             run.host = host
             host.hosted.add(run.run_id)
-            events = run.history
+            # The instance needs neither starts nor retried failures of tries.
+            events = [e for e in run.history if not _bookkeeping(e)]
         else:
             events = run.outbox
         assert host is not None
@@ -790,9 +812,13 @@ class Supervisor:
     # What clients ask for.
 
     async def submit(
-        self, workflow: str, args: dict[str, Any], run_id: str
+        self, workflow: str, args: dict[str, Any], run_id: str, *, fresh: bool = False
     ) -> tuple[str, bool]:
-        """Start a run, or find the run with this id; (run id, created)."""
+        """Start a run, or find the run with this id; (run id, created).
+
+        `fresh` says the id was just made up (a random uuid), so the journal
+        cannot know it and is not asked.
+        """
         definition = self.registry.workflow(workflow)
         while True:
             # A submission of this id still being written comes first: its run
@@ -808,7 +834,7 @@ class Supervisor:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._submitting[run_id] = done
         try:
-            if await self.journal.run(run_id) is not None:
+            if not fresh and await self.journal.run(run_id) is not None:
                 return run_id, False
             state, events = decide.new_run(
                 run_id, definition.name, args, definition.policy, self.clock()
@@ -827,14 +853,20 @@ class Supervisor:
             del self._submitting[run_id]
             done.set_result(None)
 
-    async def wait(self, run_id: str) -> None:
-        """Return once the run is finished or parked."""
+    async def wait(self, run_id: str) -> RunSummary | None:
+        """Wait until the run is finished or parked; its summary then.
+
+        None when the run is not live here (finished long ago, or unknown):
+        the journal has its summary.
+        """
         run = self.runs.get(run_id)
-        if run is None or run.state.status is RunStatus.PARKED:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if run is None:
+            return None
+        if run.state.status is RunStatus.PARKED:
+            return summarize(run.state)
+        waiter: asyncio.Future[RunSummary] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(run_id, []).append(waiter)
-        await waiter
+        return await waiter
 
     async def cancel(self, run_id: str, reason: str) -> bool:
         run = self.runs.get(run_id)
