@@ -252,7 +252,10 @@ class _RunLoop:
         # no divergence, nothing new to do. Anything else means the workflow
         # code depends on something its history does not hold.
         _, commands = WorkflowInstance.from_history(
-            self.definition, self.history, max_value_bytes=self.runner.max_value_bytes
+            self.definition,
+            self.history,
+            max_value_bytes=self.runner.max_value_bytes,
+            verifying=True,
         )
         if commands:
             first = commands[0]

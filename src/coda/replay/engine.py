@@ -199,6 +199,7 @@ class WorkflowInstance:
     ) -> None:
         self.workflow = workflow
         self.max_value_bytes = max_value_bytes
+        self.verifying = False
         self.run_id = run_id
         self.args = args
         self.side_effects: SideEffectSource = side_effects or RealSideEffects()
@@ -226,8 +227,14 @@ class WorkflowInstance:
         *,
         side_effects: SideEffectSource | None = None,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        verifying: bool = False,
     ) -> tuple[WorkflowInstance, list[Command]]:
-        """A fresh instance fed a whole history: the pure replay entry point."""
+        """A fresh instance fed a whole history: the pure replay entry point.
+
+        `verifying` marks an instance that only checks a history another
+        instance made (strict replay): its code counts as replaying throughout,
+        so that the workflow logger stays quiet.
+        """
         if not history or not isinstance(history[0], RunSubmitted):
             raise CodaError("a history starts with the run's RunSubmitted event")
         first = history[0]
@@ -238,12 +245,18 @@ class WorkflowInstance:
             side_effects=side_effects,
             max_value_bytes=max_value_bytes,
         )
+        instance.verifying = verifying
         return instance, instance.activate(history)
 
     @property
     def replaying(self) -> bool:
-        """True while the code is making steps that the history already has."""
-        return (self.attempt, len(self._futures)) in self._records
+        """True while the code re-makes what its history already has: a step it
+        records, or any part of an attempt whose end it records."""
+        return (
+            self.verifying
+            or self.attempt in self._endings
+            or (self.attempt, len(self._futures)) in self._records
+        )
 
     # Feeding events.
 
@@ -336,7 +349,8 @@ class WorkflowInstance:
         if event.step >= len(self._futures):
             record = self._records.get((event.attempt, event.step))
             recorded = _describe(_record_descriptor(record)) if record else "a task"
-            self._diverge(event.step, f"{recorded} finishing", "no such step yet")
+            made = "nothing (the attempt ended)" if self._main.done() else "nothing yet"
+            self._diverge(event.step, f"{recorded} finishing", made)
             return
         future = self._futures[event.step]
         if future.done():

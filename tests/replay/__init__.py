@@ -1,0 +1,1 @@
+"""Tests for coda.replay: the deterministic loop, the engine, replay properties."""
