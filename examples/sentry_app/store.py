@@ -26,6 +26,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -143,15 +144,37 @@ def store_event(
         payload=json.dumps(event, sort_keys=True, ensure_ascii=False, allow_nan=False),
     )
 
-    with connect(db_path) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = _store_locked(conn, project_id, row)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    conn = _thread_connection(db_path)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = _store_locked(conn, project_id, row)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
     return result
+
+
+_local = threading.local()
+
+
+def _thread_connection(db_path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """This thread's open connection to the store at `db_path`.
+
+    A task runs many times in one worker process; opening the file and running
+    the schema script on every call cost more than storing the event.
+    """
+    key = os.fspath(db_path)
+    cache: dict[str, sqlite3.Connection] = _local.__dict__.setdefault("conns", {})
+    conn = cache.get(key)
+    if conn is None:
+        conn = sqlite3.connect(key, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        _ensure_wal(conn)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(_SCHEMA)
+        cache[key] = conn
+    return conn
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
