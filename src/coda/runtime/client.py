@@ -157,6 +157,25 @@ class Client:
         )
         return str(reply["run_id"])
 
+    async def run(
+        self,
+        workflow: str | WorkflowDef[..., Any],
+        args: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Submit a run and wait for its result, in one round trip.
+
+        Raises like `result`: `RunFailedError`, `RunCancelled`, `RunParkedError`.
+        """
+        name = workflow.name if isinstance(workflow, WorkflowDef) else workflow
+        async with asyncio.timeout(timeout):
+            summary = await self.request(
+                "submit", workflow=name, args=args or {}, run_id=run_id, wait=True
+            )
+        return result_of(summary)
+
     async def wait(self, run_id: str) -> dict[str, Any]:
         """Wait until the run is finished (or parked); return its summary."""
         return await self.request("wait", run_id=run_id)

@@ -5,6 +5,8 @@ a client can have several requests in flight on one connection):
 
     {"op": "submit", "workflow": name, "args": {...}, "run_id": id | null}
         -> {"op": "submitted", "run_id": id, "created": bool}
+    with "wait": true, the reply comes when the run is finished or parked:
+        -> {"op": "run", ...summary, "created": bool}
     {"op": "wait", "run_id": id}          -> {"op": "run", ...summary}
     {"op": "status", "run_id": id}        -> {"op": "run", ...summary}
     {"op": "cancel" | "retry" | "resume", "run_id": id, "reason": str}
@@ -207,6 +209,10 @@ class ClientServer:
         run_id, created = await self.supervisor.submit(
             workflow, args, run_id, fresh=not chosen
         )
+        if msg.get("wait"):
+            # Submit and wait in one round trip: what `Client.run` asks for.
+            reply = await self._wait({"op": "wait", "run_id": run_id})
+            return {**reply, "created": created}
         return {"op": "submitted", "run_id": run_id, "created": created}
 
     async def _summary(self, run_id: str) -> dict[str, Any]:

@@ -841,7 +841,12 @@ class Supervisor:
             )
             run = LiveRun(state, [])
             self.runs[run_id] = run
-            if not await self._record(run, events):
+            durable = self._record(run, events)
+            # The workflow code may start while the submission is being
+            # written: it acts on nothing itself, and whatever it asks for is
+            # appended after the submission and acted on after that is durable.
+            self._activate(run)
+            if not await durable:
                 self.runs.pop(run_id, None)
                 raise JournalError(
                     f"run {run_id} could not be recorded, so it was not submitted; "
