@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import re
 import signal
@@ -57,9 +56,16 @@ from typing import Any
 from coda.journal.sqlite import read_runs_sync
 from coda.runtime.client import Client, default_socket_path
 from coda.runtime.faults import CRASH_EXIT_CODE, POINTS
+from tests.chaos.procs import (
+    ProcessId,
+    children,
+    env_for,
+    kill_exact,
+    running,
+    start_time,
+)
 from tests.chaos.workload import Submission, args_for, make_workload
 
-REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 APP = "tests.chaos.chaos_app"
 CRASH_LINE = re.compile(r"coda: crash point (\S+) reached")
@@ -75,53 +81,6 @@ _COUNTS = {
     "supervisor.after_ack": 8,
 }
 _WORKER_COUNT = 6
-
-
-# Processes, by pid and start time (a reused pid is never signalled).
-
-ProcessId = tuple[int, int]
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
-
-
-def _children(pid: int) -> list[ProcessId]:
-    found = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
-        except OSError:
-            continue
-        for child in text.split():
-            started = _start_time(int(child))
-            if started is not None:
-                found.append((int(child), started))
-    return found
-
-
-def _running(proc: ProcessId) -> bool:
-    return _start_time(proc[0]) == proc[1]
-
-
-def _kill(proc: ProcessId, sig: int = signal.SIGKILL) -> bool:
-    if not _running(proc):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc[0], sig)
-        return True
-    return False
 
 
 # The plan.
@@ -286,7 +245,7 @@ class Chaos:
             self.tally.points_armed[episode.point] += 1
         log = self.logs / f"episode-{number:03d}.log"
         proc = await self._start(episode.arm, log)
-        watcher = asyncio.create_task(self._watch_children(proc.pid))
+        watcher = asyncio.create_task(self._watchchildren(proc.pid))
         client_work: asyncio.Task[None] | None = None
         try:
             clients = await self._connect(proc)
@@ -321,14 +280,7 @@ class Chaos:
         self._check_acknowledged(number)
 
     async def _start(self, arm: str | None, log: Path) -> asyncio.subprocess.Process:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(REPO), env.get("PYTHONPATH")])
-        )
-        for name in ("CODA_CRASH", "CODA_ADDRESS", "CODA_JOURNAL"):
-            env.pop(name, None)
-        if arm:
-            env["CODA_CRASH"] = arm
+        env = env_for(crash=arm)
         with log.open("ab") as out:
             proc = await asyncio.create_subprocess_exec(
                 PYTHON,
@@ -347,14 +299,14 @@ class Chaos:
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
             )
-        started = _start_time(proc.pid)
+        started = start_time(proc.pid)
         if started is not None:
             self.supervisors.append((proc.pid, started))
         return proc
 
-    async def _watch_children(self, pid: int) -> None:
+    async def _watchchildren(self, pid: int) -> None:
         while True:
-            self.seen_workers.update(_children(pid))
+            self.seen_workers.update(children(pid))
             await asyncio.sleep(0.05)
 
     async def _connect(
@@ -401,8 +353,8 @@ class Chaos:
         elif episode.end == "kills":
             for delay in episode.worker_kills:
                 await asyncio.sleep(delay)
-                workers = [p for p in _children(proc.pid) if _running(p)]
-                if workers and _kill(self.rng.choice(workers)):
+                workers = [p for p in children(proc.pid) if running(p)]
+                if workers and kill_exact(self.rng.choice(workers)):
                     self.tally.worker_sigkills += 1
             await asyncio.sleep(episode.stop_after)
         elif episode.end == "term":
@@ -414,7 +366,7 @@ class Chaos:
     ) -> None:
         if proc.returncode is not None:
             return
-        self.seen_workers.update(_children(proc.pid))
+        self.seen_workers.update(children(proc.pid))
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
             if sig == signal.SIGKILL:
@@ -547,8 +499,8 @@ class Chaos:
 
     async def _kill_workers(self, proc: asyncio.subprocess.Process) -> None:
         await asyncio.sleep(self.rng.uniform(0.2, 1.0))
-        for worker in _children(proc.pid):
-            if _kill(worker):
+        for worker in children(proc.pid):
+            if kill_exact(worker):
                 self.tally.worker_sigkills += 1
 
     # After every episode.
@@ -585,11 +537,11 @@ class Chaos:
         """Make sure no process this run started is left."""
         deadline = time.monotonic() + 5.0
         procs = self.supervisors + sorted(self.seen_workers)
-        while time.monotonic() < deadline and any(_running(p) for p in procs):
+        while time.monotonic() < deadline and any(running(p) for p in procs):
             time.sleep(0.05)
-        left = [p for p in procs if _running(p)]
+        left = [p for p in procs if running(p)]
         for proc in left:
-            _kill(proc)
+            kill_exact(proc)
         if left:
             self.problems.append(
                 f"processes outlived their supervisor by 5 s and were killed: "

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from coda.runtime.faults import POINTS
-from tests.chaos.harness import REPO, Report, run_chaos
-from tests.chaos.procs import Coda, short_workdir
+from tests.chaos.harness import Report, run_chaos
+from tests.chaos.procs import REPO, Coda, short_workdir
 from tests.chaos.readers import measure
 
 
@@ -75,8 +75,10 @@ def render(
         "| --- | --- |",
         f"| runs submitted (explicit run ids) | {f.runs} |",
         f"| run outcomes | {outcomes} |",
+        f"| random SIGKILLs planned (`--kills`) | {args.kills} |",
         f"| supervisor starts (restarts) | {t.episodes} ({t.restarts}) |",
-        f"| supervisor killed with SIGKILL | {t.supervisor_sigkills} |",
+        f"| supervisor killed with SIGKILL (random, or after a worker point) | "
+        f"{t.supervisor_sigkills} |",
         f"| supervisor stopped with SIGTERM | {t.supervisor_sigterms} |",
         f"| workers killed with SIGKILL | {t.worker_sigkills} |",
         f"| processes that died at a named crash point | {crashes} |",
