@@ -166,6 +166,16 @@ def run(
             help="SQLite durability: FULL (default, survives power loss) or NORMAL.",
         ),
     ] = "FULL",
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency",
+            "-c",
+            min=1,
+            help="Tries one worker runs at once (async tasks on its loop, plain "
+            "def tasks each on a thread of its own).",
+        ),
+    ] = 64,
     task_timeout: Annotated[
         float,
         typer.Option(
@@ -221,6 +231,7 @@ def run(
                 synchronous=synchronous.upper(),
                 log_level=level,
                 task_timeout=task_timeout or None,
+                concurrency=concurrency,
                 heartbeat_interval=heartbeat_interval,
                 heartbeat_timeout=heartbeat_timeout,
             )

@@ -36,7 +36,7 @@ async def serve(
     tcp: tuple[str, int] | None = None,
     token: str | None = None,
     synchronous: str = "FULL",
-    worker_threads: int = 16,
+    concurrency: int = 64,
     ready_file: str | None = None,
     log_level: str = "WARNING",
     task_timeout: float | None = 300.0,
@@ -52,7 +52,10 @@ async def serve(
             app,
             registry,
             workers=workers or os.cpu_count() or 2,
-            worker_threads=worker_threads,
+            # A thread for every try a worker may hold: a plain-def try never
+            # waits in a queue while its start-to-close timeout runs.
+            worker_threads=concurrency,
+            max_tries_per_worker=concurrency,
             log_level=log_level,
             default_task_timeout=task_timeout,
             heartbeat_interval=heartbeat_interval,

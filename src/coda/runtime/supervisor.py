@@ -79,6 +79,16 @@ def _is_due(state: RunState, step: StepState, now: float) -> bool:
     return step.status is StepStatus.BACKOFF and (step.retry_at or 0.0) <= now
 
 
+def _has_pending_steps(state: RunState) -> bool:
+    """Whether a step of the current attempt waits for a try or runs one."""
+    return any(
+        step.attempt == state.attempt
+        and step.status
+        in (StepStatus.SCHEDULED, StepStatus.STARTED, StepStatus.BACKOFF)
+        for step in state.steps.values()
+    )
+
+
 def _bookkeeping(event: Event) -> bool:
     """Events of tries that workflow code never sees (starts, retried failures)."""
     if isinstance(event, TaskStarted):
@@ -103,10 +113,18 @@ class LiveRun:
     outbox: list[Event] = attrs.field(factory=list)
     activating: bool = False
     timer: asyncio.TimerHandle | None = None
+    # Events at positions below this are durable. The state runs ahead of it
+    # while decisions are being written; only what is durable may be told.
+    durable: int = 0
 
     @property
     def run_id(self) -> str:
         return self.state.run_id
+
+    @property
+    def settled(self) -> bool:
+        """Whether everything decided for the run is durable."""
+        return self.durable >= self.state.next_seq
 
 
 @attrs.define
@@ -179,11 +197,23 @@ class Supervisor:
     # Start-up and shutdown.
 
     async def start(self) -> None:
-        await self._recover()
-        await self.pool.start()
+        # Workers take a while to import the app: start them while the journal
+        # is read and folded.
+        workers = asyncio.create_task(self.pool.start())
+        try:
+            await self._recover()
+        finally:
+            await workers
+        # Tries first: a recovered run whose steps are due or running needs
+        # no workflow code to go on, and is activated when a result arrives.
+        idle = []
         for run in list(self.runs.values()):
-            self._after_change(run)
+            self._scan(run)
+            if not _has_pending_steps(run.state):
+                idle.append(run)
         self._pump()
+        for run in idle:
+            self._after_change(run)
         self._watchdog = asyncio.create_task(self._watch_timeouts())
 
     async def _recover(self) -> None:
@@ -203,7 +233,7 @@ class Supervisor:
                 )
                 continue
             assert state is not None
-            run = LiveRun(state, list(history))
+            run = LiveRun(state, list(history), durable=len(history))
             events = decide.interrupt_started(state, now, "the supervisor restarted")
             events += decide.resume(state, "the supervisor restarted", now)
             events += decide.start_attempt(state, now)
@@ -294,7 +324,13 @@ class Supervisor:
             error = exc
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
-        if error is not None:
+        if error is None:
+            runs = self.runs
+            for event in events:
+                live = runs.get(event.run_id)
+                if live is not None and live.durable <= event.seq:
+                    live.durable = event.seq + 1
+        else:
             logger.error(
                 "journal append of %d events failed: %s; the runs concerned are "
                 "reloaded from the journal",
@@ -384,6 +420,7 @@ class Supervisor:
             return
         run.state, run.history, run.outbox = state, history, []
         run.activating, run.host = False, None
+        run.durable = len(history)
         if state.status.finished:
             self._finish(run)
 
@@ -392,11 +429,14 @@ class Supervisor:
     def _after_change(self, run: LiveRun, events: list[Event] | None = None) -> None:
         """Act on a run's committed `events` (None: look at the whole run)."""
         state = run.state
-        if state.status.finished:
-            self._finish(run)
-            return
-        if state.status is RunStatus.PARKED:
-            self._notify(run)
+        if state.status.finished or state.status is RunStatus.PARKED:
+            # Tell nobody before the ending is durable; the commit carrying it
+            # comes back here.
+            if run.settled:
+                if state.status.finished:
+                    self._finish(run)
+                else:
+                    self._notify(run)
             return
         if events is None:
             self._scan(run)
@@ -491,9 +531,15 @@ class Supervisor:
 
     # Workflow activations.
 
-    def _activate(self, run: LiveRun) -> None:
+    def _activate(self, run: LiveRun, *, early: bool = False) -> None:
+        """Feed the run's instance what it has not seen of its durable history.
+
+        `early` is for a new run only: its code may start on the submission
+        before that is durable, since it acts on nothing itself.
+        """
         if run.activating or run.state.status is not RunStatus.RUNNING:
             return
+        limit = run.state.next_seq if early else run.durable
         host = run.host
         full = host is None or not host.alive
         if full:
@@ -503,11 +549,14 @@ class Supervisor:
             run.host = host
             host.hosted.add(run.run_id)
             # The instance needs neither starts nor retried failures of tries.
-            events = [e for e in run.history if not _bookkeeping(e)]
+            events = [e for e in run.history if e.seq < limit and not _bookkeeping(e)]
+            run.outbox = [e for e in run.outbox if e.seq >= limit]
         else:
-            events = run.outbox
+            events = [e for e in run.outbox if e.seq < limit]
+            if not events:
+                return  # what is new is not durable yet
+            run.outbox = run.outbox[len(events) :]
         assert host is not None
-        run.outbox = []
         run.activating = True
         host.conn.send(
             {
@@ -845,7 +894,7 @@ class Supervisor:
             # The workflow code may start while the submission is being
             # written: it acts on nothing itself, and whatever it asks for is
             # appended after the submission and acted on after that is durable.
-            self._activate(run)
+            self._activate(run, early=True)
             if not await durable:
                 self.runs.pop(run_id, None)
                 raise JournalError(
@@ -867,7 +916,7 @@ class Supervisor:
         run = self.runs.get(run_id)
         if run is None:
             return None
-        if run.state.status is RunStatus.PARKED:
+        if run.state.status is RunStatus.PARKED and run.settled:
             return summarize(run.state)
         waiter: asyncio.Future[RunSummary] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(run_id, []).append(waiter)
@@ -893,7 +942,7 @@ class Supervisor:
         events = decide.retry_run(state, reason, self.clock())
         if not events:
             return False
-        run = LiveRun(state, history)
+        run = LiveRun(state, history, durable=len(history))
         self.runs[run_id] = run
         return await self._record(run, events)
 
