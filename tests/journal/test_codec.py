@@ -254,6 +254,88 @@ def test_containers_of_the_wrong_type_are_refused_not_converted() -> None:
         decode_dict({**failed, "error": {"type": "E", "message": "m", "types": "E"}})
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "path"),
+    [
+        ("policy", [1], r"\$\.policy"),
+        ("policy", None, r"\$\.policy"),
+        ("policy", {"max_retries": True}, r"\$\.policy\.max_retries"),
+        ("policy", {"backoff": "1"}, r"\$\.policy\.backoff"),
+        ("policy", {"retry_on": ["OSError", 1]}, r"\$\.policy\.retry_on\[1\]"),
+        ("timeout", True, r"\$\.timeout"),
+        ("args", {"a": 1, 2: 3}, r"\$\.args"),
+    ],
+)
+def test_nested_objects_are_read_as_strictly(field: str, value: Any, path: str) -> None:
+    scheduled = encode_dict(
+        ev.TaskScheduled(
+            run_id="r", seq=2, at=1.0, attempt=1, step=0, task="t", args={}
+        )
+    )
+    with pytest.raises(JournalError, match=path):
+        decode_dict({**scheduled, field: value})
+
+
+def test_a_missing_required_nested_field_is_named() -> None:
+    failed = encode_dict(
+        ev.RunFailed(run_id="r", seq=3, at=1.0, error=ev.ErrorInfo("E", "m"))
+    )
+    with pytest.raises(
+        JournalError, match=r"required field missing @ \$\.error\.message"
+    ):
+        decode_dict({**failed, "error": {"type": "E"}})
+    with pytest.raises(JournalError, match=r"\$\.error"):
+        decode_dict({**failed, "error": "E: m"})
+
+
+def test_equal_policies_and_errors_are_shared_when_decoding() -> None:
+    policy = ev.RetryPolicy(max_retries=3, retry_on=("OSError",), backoff=0.5)
+    error = ev.ErrorInfo("OSError", "gone", "tb", ("OSError", "Exception"))
+    events = [
+        encode(
+            ev.TaskScheduled(
+                run_id="r",
+                seq=i,
+                at=1.0,
+                attempt=1,
+                step=i,
+                task="t",
+                args={},
+                policy=policy,
+            )
+        )
+        for i in range(3)
+    ] + [encode(ev.RunFailed(run_id="r", seq=i, at=1.0, error=error)) for i in (3, 4)]
+    decoded = [decode(data) for data in events]
+    policies = {id(e.policy) for e in decoded if isinstance(e, ev.TaskScheduled)}
+    errors = {id(e.error) for e in decoded if isinstance(e, ev.RunFailed)}
+    assert len(policies) == 1 and len(errors) == 1
+    assert [e.policy for e in decoded[:3]] == [policy] * 3  # type: ignore[attr-defined]
+
+
+def test_a_shared_policy_keeps_the_sign_of_zero() -> None:
+    # -0.0 == 0.0: a policy with one must not be answered with the other.
+    obj = encode_dict(ev.RunSubmitted(run_id="r", seq=0, at=1.0, workflow="w", args={}))
+    for zero in (0.0, -0.0, 0.0, -0.0):
+        decoded = decode_dict({**obj, "policy": {"backoff": zero}})
+        assert isinstance(decoded, ev.RunSubmitted)
+        assert str(decoded.policy.backoff) == str(zero)
+
+
+@pytest.mark.parametrize("value", [b"x", {1, 2}, {1: "a"}, object()])
+def test_values_json_cannot_hold_are_refused_not_converted(value: object) -> None:
+    # `coda.values` refuses them where they are made; should one get this far
+    # it is not stored as something else (bytes as base85, a set as a list).
+    event = ev.RunCompleted(run_id="r", seq=5, at=1.0, attempt=1, result=value)
+    with pytest.raises(TypeError):
+        encode(event)
+
+
+def test_only_event_types_are_encoded() -> None:
+    with pytest.raises(TypeError, match="not an event type"):
+        encode_dict(ev.Event(run_id="r", seq=0, at=1.0))
+
+
 def test_an_integer_time_is_read_as_a_float() -> None:
     decoded = decode_dict(cancelled(at=10))
     assert decoded.at == 10.0
