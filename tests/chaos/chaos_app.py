@@ -46,7 +46,9 @@ from typing import Any
 import coda
 
 # Out of reach on purpose: see the module's docstring.
-_CHAOS = {"max_lost_workers": 1000, "backoff": 0.01, "max_backoff": 0.05}
+LOST_WORKERS = 1000
+BACKOFF = 0.01
+MAX_BACKOFF = 0.05
 
 
 def _note(side: str, run: str, attempt: int, label: str) -> None:
@@ -84,7 +86,7 @@ def mix(value: int, label: str) -> int:
 # attempt it belongs to and its label, so that its line says which step it is.
 
 
-@coda.task(**_CHAOS)
+@coda.task(max_lost_workers=LOST_WORKERS, backoff=BACKOFF, max_backoff=MAX_BACKOFF)
 def compute(
     side: str,
     counters: str,
@@ -99,7 +101,7 @@ def compute(
     return mix(value, label)
 
 
-@coda.task(**_CHAOS)
+@coda.task(max_lost_workers=LOST_WORKERS, backoff=BACKOFF, max_backoff=MAX_BACKOFF)
 async def acompute(
     side: str,
     counters: str,
@@ -114,7 +116,13 @@ async def acompute(
     return mix(value, label)
 
 
-@coda.task(retry_on=[ConnectionError], max_retries=4, **_CHAOS)
+@coda.task(
+    retry_on=[ConnectionError],
+    max_retries=4,
+    max_lost_workers=LOST_WORKERS,
+    backoff=BACKOFF,
+    max_backoff=MAX_BACKOFF,
+)
 def flaky(
     side: str,
     counters: str,
@@ -133,7 +141,13 @@ def flaky(
     return mix(value, label)
 
 
-@coda.task(retry_on=[ValueError], max_retries=1, **_CHAOS)
+@coda.task(
+    retry_on=[ValueError],
+    max_retries=1,
+    max_lost_workers=LOST_WORKERS,
+    backoff=BACKOFF,
+    max_backoff=MAX_BACKOFF,
+)
 def doomed(
     side: str,
     counters: str,
@@ -151,7 +165,7 @@ def doomed(
 
 
 def _spawn(
-    task: coda.TaskDef[..., int],
+    task: coda.TaskDef[..., Any],
     common: dict[str, Any],
     label: str,
     value: int,

@@ -147,8 +147,8 @@ def make_plan(
         episode.new_runs = share
         if episode.point in ("supervisor.before_ack", "supervisor.after_ack"):
             # Its count must be reachable with this episode's requests.
-            name, _, count = (episode.arm or "").partition(":")
-            episode.arm = f"{name}:{min(int(count), max(share, 1))}"
+            name, _, armed = (episode.arm or "").partition(":")
+            episode.arm = f"{name}:{min(int(armed), max(share, 1))}"
     episodes.append(Episode(None, "final", new_runs=runs - share * len(episodes)))
     return episodes
 

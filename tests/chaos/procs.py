@@ -41,7 +41,7 @@ def start_time(pid: int) -> int | None:
 
 def children(pid: int) -> list[ProcessId]:
     """Live children of `pid`, from /proc/PID/task/*/children."""
-    found = []
+    found: list[ProcessId] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:

@@ -54,7 +54,7 @@ def test_a_duplicate_submission_is_answered_only_once_durable(tmp_path: Path) ->
 async def _duplicate_submission(tmp_path: Path) -> None:
     inner = await SQLiteJournal.open(tmp_path / "coda.db")
     journal = GatedJournal(inner)
-    supervisor = Supervisor(journal, "unused", registry, workers=0)  # type: ignore[arg-type]
+    supervisor = Supervisor(journal, "unused", registry, workers=0)
     journal.gate.set()
     await supervisor.start()
     journal.gate.clear()
@@ -99,7 +99,7 @@ def test_a_submission_the_journal_refused_is_not_acknowledged(
 async def _refused_submission(tmp_path: Path) -> None:
     inner = await SQLiteJournal.open(tmp_path / "coda.db")
     journal = RefusingJournal(inner)
-    supervisor = Supervisor(journal, "unused", registry, workers=0)  # type: ignore[arg-type]
+    supervisor = Supervisor(journal, "unused", registry, workers=0)
     failures: list[str] = []
     handler = _Collect(failures)
     logging.getLogger("coda.runtime.supervisor").addHandler(handler)

@@ -74,7 +74,11 @@ def test_a_task_that_kills_its_worker_fails_after_its_budget(
         assert isinstance(failure, TaskFailed)
         assert failure.error.type == "coda.errors.WorkerLost"
         assert how in failure.error.message, failure.error.message
-    assert [f.retry_at is None for f in tries] == [False, False, True]
+    assert [isinstance(f, TaskFailed) and f.retry_at is None for f in tries] == [
+        False,
+        False,
+        True,
+    ]
     # ... and a replacement worker answers the next task.
     assert outcome["pid_after"] in coda.worker_pids()
 
