@@ -326,3 +326,49 @@ def test_without_strict_replay_the_same_code_goes_unnoticed() -> None:
     random.seed(7)
     for _ in range(5):
         assert run(dice2, strict_replay=False) in (4, "thread")
+
+
+FIXED: dict[str, bool] = {}
+
+
+@coda.task(name="driver.once", registry=REGISTRY)
+async def once() -> str:
+    SEEN["once"] = SEEN.get("once", 0) + 1
+    return "once"
+
+
+@coda.task(name="driver.broken", registry=REGISTRY)
+async def broken() -> str:
+    if not FIXED.get("broken"):
+        raise KeyError("not yet")
+    return "fixed"
+
+
+def test_a_failed_run_retried_by_hand_reuses_its_cached_results() -> None:
+    @workflow("driver.retried")
+    async def retried() -> Any:
+        first = await coda.context.spawn_task(once, cache_key=["once"])
+        return [first, await coda.context.spawn_task(broken)]
+
+    FIXED.clear()
+    runner = runner_for(retried)
+    with pytest.raises(RunFailedError):
+        asyncio.run(runner.run(retried, run_id="r"))
+
+    FIXED["broken"] = True
+    journal = JOURNAL[0]
+    state = fold(journal.events["r"])
+    assert state is not None
+    asyncio.run(journal.append(decide.retry_run(state, "deployed a fix", 5.0)))
+    assert asyncio.run(runner.drive("r")) == ["once", "fixed"]
+    assert SEEN["once"] == 1
+    names = [type(e).__name__ for e in journal.events["r"]]
+    assert names[names.index("RunRetried") :] == [
+        "RunRetried",
+        "AttemptStarted",
+        "TaskReused",
+        "TaskScheduled",
+        "TaskStarted",
+        "TaskCompleted",
+        "RunCompleted",
+    ]

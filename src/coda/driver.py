@@ -340,7 +340,7 @@ class _RunLoop:
         done, _ = await asyncio.wait(
             self.running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
-        for task in sorted(done, key=lambda t: self.running[t].step):
+        for task in sorted(done, key=lambda t: _step_key(self.running[t])):
             step = self.running.pop(task)
             ok, value = task.result()
             now = self.runner.clock()
@@ -353,6 +353,12 @@ class _RunLoop:
                     state, step.attempt, step.step, step.try_number, value, now
                 )
             await self._append(events)
+
+
+def _step_key(step: StepState) -> tuple[int, int]:
+    # Outcomes that arrive together are recorded in step order (`done` is a
+    # set), attempt first: a late task of an earlier attempt has low numbers.
+    return (step.attempt, step.step)
 
 
 def _settled(state: RunState) -> bool:
