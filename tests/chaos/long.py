@@ -1,13 +1,14 @@
 """The long chaos run; writes its figures to docs/chaos-results.md.
 
-    .venv/bin/python -m tests.chaos.long --runs 500 --kills 100 --seed 7
+    .venv/bin/python -m tests.chaos.long --runs 500 --kills 100 --seed 7 [--snapshot]
 
 Same harness and checks as the CI test (`test_chaos.py`), more of everything:
 `--rounds` arms every named crash point that many times (each with its own
 count), `--kills` random SIGKILLs of workers and supervisor. Then the
 readers-beside-the-writer measurement (`readers.py`). Exit status 1 if any
 check failed; the working directory (journal, side-effect file, logs) is then
-kept and named.
+kept and named. `--snapshot` runs the code of HEAD from a clean copy, for
+when others are editing the working tree meanwhile.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ def render(
     seconds: float,
 ) -> str:
     t, f = report.tally, report.figures
-    dirty = " (with uncommitted changes)" if _git("status", "--porcelain") else ""
+    if args.commit:
+        source = f"{args.commit} (a clean copy of it: --snapshot)"
+    else:
+        dirty = " (with uncommitted changes)" if _git("status", "--porcelain") else ""
+        source = f"{_git('rev-parse', '--short', 'HEAD')}{dirty}"
     command = (
         f"python -m tests.chaos.long --runs {args.runs} --kills {args.kills} "
         f"--rounds {args.rounds} --workers {args.workers} --delay {args.delay} "
@@ -61,8 +66,7 @@ def render(
         "`tests/chaos/harness.py`.",
         "",
         f"* command: `{command}`",
-        f"* when: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, commit "
-        f"{_git('rev-parse', '--short', 'HEAD')}{dirty}",
+        f"* when: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, commit {source}",
         f"* machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}",
         f"* duration: {seconds:.0f} s (chaos {t.seconds:.0f} s)",
@@ -162,6 +166,29 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+def _in_snapshot(argv: list[str], out: Path) -> int:
+    """Run this very command on a clean copy of HEAD (others may be editing)."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    snapshot = Path(tempfile.mkdtemp(prefix="coda-snapshot-", dir="/tmp"))
+    try:
+        archive = subprocess.run(
+            ["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True
+        )
+        subprocess.run(
+            ["tar", "-x", "-C", str(snapshot)], input=archive.stdout, check=True
+        )
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(snapshot / "src"), str(snapshot)])
+        rest = [a for a in argv if a != "--snapshot"]
+        rest += ["--commit", commit, "--out", str(out.resolve())]
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.chaos.long", *rest], cwd=snapshot, env=env
+        )
+        return done.returncode
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos.long")
     parser.add_argument("--runs", type=int, default=500)
@@ -174,7 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000)
     parser.add_argument("--readers-runs", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "chaos-results.md")
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="run HEAD's code from a clean copy, not the working tree",
+    )
+    parser.add_argument("--commit", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.snapshot:
+        return _in_snapshot(argv if argv is not None else sys.argv[1:], args.out)
 
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="coda-chaos-", dir="/tmp"))
