@@ -60,22 +60,22 @@ def check_json(value: object, where: str) -> None:
     """
     # Iterative, so that deeply nested values cannot hit the recursion limit;
     # children are pushed in reverse so that the first bad part is reported.
-    stack: list[tuple[object, _Where, int]] = [(value, None, 0)]
+    stack: list[tuple[Any, _Where, int]] = [(value, None, 0)]
     while stack:
         item, at, depth = stack.pop()
         kind = type(item)
         if item is None or kind is bool:
             continue
         if kind is str:
-            _check_str(item, where, at)  # type: ignore[arg-type]
+            _check_str(item, where, at)
         elif kind is int:
-            if not _INT_MIN <= item <= _INT_MAX:  # type: ignore[operator]
+            if not _INT_MIN <= item <= _INT_MAX:
                 raise ValueNotJSON(
                     f"{_path(where, at)}: integer {item} is outside the 64-bit range "
                     "the journal stores (pass it as a string)"
                 )
         elif kind is float:
-            if not math.isfinite(item):  # type: ignore[arg-type]
+            if not math.isfinite(item):
                 raise ValueNotJSON(
                     f"{_path(where, at)}: {item!r} is not a JSON value (JSON has no "
                     "NaN or infinity)"
@@ -86,10 +86,11 @@ def check_json(value: object, where: str) -> None:
                     f"{_path(where, at)}: nested more than {MAX_DEPTH} levels deep; "
                     "the journal refuses deeper values"
                 )
+            children: list[tuple[Any, Any]]
             if kind is list:
-                children = list(enumerate(item))  # type: ignore[arg-type]
+                children = list(enumerate(item))
             else:
-                children = list(item.items())  # type: ignore[attr-defined]
+                children = list(item.items())
                 for key, _ in children:
                     if type(key) is not str:
                         raise ValueNotJSON(
