@@ -101,6 +101,8 @@ def test_ready_callbacks_run_first_in_first_out() -> None:
 
 
 def test_wall_clock_timers_are_refused() -> None:
+    assert issubclass(TimersNotAllowed, coda.CodaError)
+    assert issubclass(TimersNotAllowed, RuntimeError)
     loop = DeterministicLoop()
     with pytest.raises(TimersNotAllowed, match="cannot wait on the wall clock"):
         loop.call_later(1.0, print)

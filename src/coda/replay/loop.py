@@ -26,10 +26,12 @@ from asyncio import events as _events
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from coda.errors import CodaError
+
 __all__ = ["DeterministicLoop", "TimersNotAllowed"]
 
 
-class TimersNotAllowed(RuntimeError):
+class TimersNotAllowed(CodaError, RuntimeError):
     """Workflow code asked for a wall-clock timer."""
 
 
