@@ -108,7 +108,8 @@ class LocalRunner:
         """Submit a run and drive it to its end; return its result.
 
         Raises `RunFailedError` if the run fails, `NondeterminismError` if it
-        diverges from its history (the run is then parked in the journal).
+        diverges from its history, live or on strict replay (the run is then
+        parked in the journal, unless it had ended already).
         """
         run_id = await self.submit(workflow, args, run_id=run_id)
         return await self.drive(run_id)
