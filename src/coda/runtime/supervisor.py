@@ -61,6 +61,7 @@ from coda.journal.events import (
     TaskScheduled,
     TaskStarted,
 )
+from coda.replay.engine import ReuseResult
 from coda.runtime import faults
 from coda.runtime.pool import TryKey, WorkerHandle, WorkerPool
 from coda.runtime.wire import decode_command, decode_error
@@ -582,31 +583,32 @@ class Supervisor:
         run.activating = False
         commands = [decode_command(c) for c in msg["commands"]]
         events = decide.on_commands(run.state, commands, self.clock())
-        self.stats.tasks_reused += sum(
-            1 for c in commands if type(c).__name__ == "ReuseResult"
-        )
+        self.stats.tasks_reused += sum(isinstance(c, ReuseResult) for c in commands)
         if events:
             self._record(run, events)
         elif run.outbox:
             self._activate(run)
 
+    def _unhost(self, worker: WorkerHandle, run_id: str) -> LiveRun | None:
+        """Take a run away from the worker hosting it; None if it does not."""
+        run = self.runs.get(run_id)
+        if run is None or run.host is not worker:
+            return None  # finished, or re-hosted meanwhile
+        run.activating = False
+        worker.hosted.discard(run_id)
+        run.host = None
+        return run
+
     def _on_resync(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
         """The host lost the run's instance: send it the whole history again."""
-        run = self.runs.get(msg["run"])
-        if run is None or run.host is not worker:
-            return
-        run.activating = False
-        worker.hosted.discard(run.run_id)
-        run.host = None
-        self._activate(run)
+        run = self._unhost(worker, msg["run"])
+        if run is not None:
+            self._activate(run)
 
     def _on_diverged(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
-        run = self.runs.get(msg["run"])
-        if run is None or run.host is not worker:
+        run = self._unhost(worker, msg["run"])
+        if run is None:
             return
-        run.activating = False
-        worker.hosted.discard(run.run_id)
-        run.host = None
         error = decode_error(msg["error"])
         logger.error(
             "run %s parked: %s. Deploy fixed code, then `coda resume %s` or "
