@@ -132,3 +132,33 @@ class _Collect(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.exc_info:
             self.into.append(self.format(record))
+
+
+def test_a_cancellation_that_changed_nothing_says_so(tmp_path: Path) -> None:
+    asyncio.run(_cancel_of_a_finishing_run(tmp_path))
+
+
+async def _cancel_of_a_finishing_run(tmp_path: Path) -> None:
+    # The run's end is decided but still being written (here: a first
+    # cancellation); a cancellation now changes nothing and must not answer
+    # "changed", or a client would believe in a cancellation the journal
+    # never gets (the chaos test saw a run end completed that way).
+    inner = await SQLiteJournal.open(tmp_path / "coda.db")
+    journal = GatedJournal(inner)
+    journal.gate.set()
+    supervisor = Supervisor(journal, "unused", registry, workers=0)
+    await supervisor.start()
+    try:
+        assert await supervisor.submit("noop", {}, "r1") == ("r1", True)
+        journal.gate.clear()
+        first = asyncio.create_task(supervisor.cancel("r1", "first"))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(supervisor.cancel("r1", "second"))
+        await asyncio.sleep(0.05)
+        journal.gate.set()
+        assert await first is True
+        assert await second is False
+    finally:
+        journal.gate.set()
+        await supervisor.stop()
+        await inner.close()

@@ -928,7 +928,10 @@ class Supervisor:
         run = self.runs.get(run_id)
         if run is None:
             return False
-        return await self._record(run, decide.cancel(run.state, reason, self.clock()))
+        # Nothing to record (its end is decided already, durable or not): the
+        # cancellation changed nothing, and must not be acknowledged as done.
+        events = decide.cancel(run.state, reason, self.clock())
+        return bool(events) and await self._record(run, events)
 
     async def reopen(self, run_id: str, reason: str) -> bool:
         """Retry a failed or cancelled run, or resume a parked one."""
