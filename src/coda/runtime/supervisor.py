@@ -325,12 +325,14 @@ class Supervisor:
             error = exc
         if previous is not None and not previous.done():
             await asyncio.wait([previous])
+        touched: dict[str, LiveRun] = {}
         if error is None:
             runs = self.runs
             for event in events:
                 live = runs.get(event.run_id)
                 if live is not None and live.durable <= event.seq:
                     live.durable = event.seq + 1
+                    touched[event.run_id] = live
         else:
             logger.error(
                 "journal append of %d events failed: %s; the runs concerned are "
@@ -348,6 +350,11 @@ class Supervisor:
                     logger.exception("supervisor step after a commit failed")
             if not done.done():
                 done.set_result(True)
+        # A run waiting for a host gets one once all its events are durable
+        # (see `_activate`), whichever commit that was.
+        for live in touched.values():
+            if live.host is None and live.settled:
+                self._activate(live)
 
     async def _recover_from(
         self, jobs: list[tuple[list[LiveRun], Callable[[], None] | None, Any]]
@@ -543,6 +550,10 @@ class Supervisor:
         limit = run.state.next_seq if early else run.durable
         host = run.host
         full = host is None or not host.alive
+        if full and not early and not run.settled:
+            # A new host must see the run's own steps and endings that are
+            # still being written, or it would make them again; wait for them.
+            return
         if full:
             host = self._pick_host()
             if host is None:
