@@ -19,6 +19,7 @@ __all__ = [
     "ProtocolError",
     "RunCancelled",
     "RunFailedError",
+    "RunIdConflict",
     "RunNotFound",
     "RunParkedError",
     "TaskError",
@@ -56,6 +57,10 @@ class JournalVersionError(JournalError):
 
 class UnknownNameError(CodaError, LookupError):
     """A workflow or task name that the application does not register."""
+
+
+class RunIdConflict(CodaError, ValueError):
+    """A run id given again for a different workflow: ids name one run each."""
 
 
 class RunNotFound(CodaError, LookupError):

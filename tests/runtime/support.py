@@ -150,8 +150,16 @@ def base_env(**extra: str) -> dict[str, str]:
 class CodaProcess:
     """One `coda run` on a journal; may be stopped and started again."""
 
-    def __init__(self, workdir: Path, *, app: str = APP, workers: int = 2) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        app: str = APP,
+        workers: int = 2,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
+        self.extra_args = extra_args
         self.app = app
         self.workers = workers
         self.journal = workdir / "coda.db"
@@ -173,6 +181,7 @@ class CodaProcess:
             str(self.journal),
             "--workers",
             str(self.workers),
+            *self.extra_args,
         ]
 
     def start(self, timeout: float = 20.0) -> None:
@@ -350,8 +359,10 @@ def fresh_directory() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def running_supervisor(workdir: Path) -> Iterator[CodaProcess]:
-    supervisor = CodaProcess(workdir)
+def running_supervisor(
+    workdir: Path, extra_args: tuple[str, ...] = ()
+) -> Iterator[CodaProcess]:
+    supervisor = CodaProcess(workdir, extra_args=extra_args)
     problems: list[str] = []
     try:
         supervisor.start()

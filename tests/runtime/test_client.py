@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from coda.errors import RunFailedError, RunNotFound
+from coda.errors import (
+    RunFailedError,
+    RunIdConflict,
+    RunNotFound,
+    ValueNotJSON,
+    ValueTooLarge,
+)
+from coda.runtime.client import RequestError
+from coda.values import DEFAULT_MAX_VALUE_BYTES
 
 from .support import CodaProcess
 
@@ -28,3 +36,41 @@ def test_result_raises_what_the_run_ended_with(coda: CodaProcess) -> None:
             client.result(run_id)
         with pytest.raises(RunNotFound):
             client.status("no-such-run-anywhere")
+
+
+def test_values_that_are_not_json_are_refused_before_sending(
+    coda: CodaProcess,
+) -> None:
+    with coda.client() as client:
+        with pytest.raises(ValueNotJSON, match=r'args of workflow quick\["x"\]'):
+            client.submit("quick", {"x": float("nan")}, run_id="nan-run")
+        with pytest.raises(ValueNotJSON, match="tuple"):
+            client.submit("quick", {"x": (1, 2)}, run_id="tuple-run")
+        with pytest.raises(RunNotFound):
+            client.status("nan-run")
+
+
+def test_args_over_the_value_limit_are_refused_with_the_limit_named(
+    coda: CodaProcess,
+) -> None:
+    big = {"value": "x" * (DEFAULT_MAX_VALUE_BYTES + 1)}
+    with coda.client() as client:
+        # Through the client's own check...
+        with pytest.raises(ValueTooLarge, match=str(DEFAULT_MAX_VALUE_BYTES)):
+            client.submit("echo", big, run_id="too-big")
+        # ...and through the supervisor's, for a client that skips it.
+        with pytest.raises(RequestError, match=str(DEFAULT_MAX_VALUE_BYTES)):
+            client.request("submit", workflow="echo", args=big, run_id="too-big")
+        with pytest.raises(RunNotFound):
+            client.status("too-big")
+        # The supervisor goes on serving.
+        assert client.run("quick", {"x": 1}) == 3
+
+
+def test_a_run_id_names_one_run_of_one_workflow(coda: CodaProcess) -> None:
+    with coda.client() as client:
+        assert client.run("quick", {"x": 2}, run_id="owned-id") == 5
+        with pytest.raises(RunIdConflict, match="'quick'"):
+            client.submit("echo", {"value": 1}, run_id="owned-id")
+        with pytest.raises(RequestError, match="empty run id"):
+            client.request("submit", workflow="quick", args={"x": 1}, run_id="")

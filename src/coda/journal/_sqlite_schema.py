@@ -79,36 +79,38 @@ INSERT_RUN = (
     "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at, updated_at,"
     " events, result, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-INSERT_EVENT = (
-    "INSERT INTO events (rk, seq, at, type, body)"
-    " VALUES ((SELECT rk FROM runs WHERE run_id = ?), ?, ?, ?, ?)"
-)
+# The writer knows the key `rk` of each run it writes to (see `KEYS_AFTER` and
+# `KEYS_OF`), so that rows go in by key, without looking the text id up each.
+INSERT_EVENT = "INSERT INTO events (rk, seq, at, type, body) VALUES (?, ?, ?, ?, ?)"
 UPDATE_RUN = (
     "UPDATE runs SET status = coalesce(?1, status), attempt = coalesce(?2, attempt),"
     " updated_at = ?3, events = events + ?4,"
     " result = CASE WHEN ?5 THEN ?6 ELSE result END,"
     " error = CASE WHEN ?7 THEN ?8 ELSE error END"
-    " WHERE run_id = ?9 AND events = ?10"
+    " WHERE rk = ?9 AND events = ?10"
 )
 # Most events (those of tasks) change only the count and time of their run;
 # leaving the other columns out spares SQLite rewriting the status index entry.
 # `events = ?` in both: an append must continue its run's history exactly where
 # it stands, so that no failure elsewhere can ever leave a gap in it.
 TOUCH_RUN = (
-    "UPDATE runs SET updated_at = ?, events = events + ? WHERE run_id = ?"
-    " AND events = ?"
+    "UPDATE runs SET updated_at = ?, events = events + ? WHERE rk = ? AND events = ?"
 )
 UPSERT_CACHE = (
     "INSERT INTO task_cache (rk, cache_key, result, attempt, step)"
-    " VALUES ((SELECT rk FROM runs WHERE run_id = ?), ?, ?, ?, ?)"
+    " VALUES (?, ?, ?, ?, ?)"
     " ON CONFLICT (rk, cache_key) DO UPDATE SET result = excluded.result,"
     " attempt = excluded.attempt, step = excluded.step"
 )
+# AUTOINCREMENT: a new run's key is larger than any key the table ever held, so
+# the runs inserted since `LAST_KEY` are exactly those with a larger key.
+LAST_KEY = "SELECT coalesce(max(rk), 0) FROM runs"
+KEYS_AFTER = "SELECT run_id, rk FROM runs WHERE rk > ?"
+KEYS_OF = "SELECT run_id, rk FROM runs WHERE run_id IN (SELECT value FROM json_each(?))"
 TAKEN = (
     "SELECT e.seq FROM events e JOIN runs r ON r.rk = e.rk"
     " WHERE r.run_id = ? AND e.seq IN (SELECT value FROM json_each(?)) ORDER BY e.seq"
 )
-KNOWN_RUNS = "SELECT run_id FROM runs WHERE run_id IN (SELECT value FROM json_each(?))"
 
 SUMMARY = (
     "SELECT run_id, workflow, status, attempt, submitted_at, updated_at, events,"
@@ -326,22 +328,26 @@ async def inspect(path: Path, *, migrate: bool) -> None:
         async with aiosqlite.connect(
             ro_uri(path), uri=True, timeout=BUSY_TIMEOUT
         ) as conn:
-            version = await _scalar(conn, USER_VERSION)
+            version = next(iter(await conn.execute_fetchall(USER_VERSION)))[0]
             tables = [row[0] for row in await conn.execute_fetchall(TABLES)]
     except sqlite3.Error as exc:
         raise not_a_journal(path, exc) from exc
     check_version(path, version, tables, migrate=migrate)
 
 
-async def open_writer(path: Path, synchronous: str) -> aiosqlite.Connection:
-    """The writer's connection: the file created or migrated, in WAL mode."""
+def open_writer(path: Path, synchronous: str) -> sqlite3.Connection:
+    """The writer's connection: the file created or migrated, in WAL mode.
+
+    Blocking: `coda.journal.sqlite` calls it on the writer's own thread, the
+    only thread that ever uses the connection.
+    """
     try:
-        db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
     except sqlite3.Error as exc:
         raise JournalError(f"cannot open journal {path} for writing: {exc}") from exc
     try:
-        await _migrate(db, path)
-        mode = await _scalar(db, "PRAGMA journal_mode = WAL")
+        _migrate(db, path)
+        mode = _scalar(db, "PRAGMA journal_mode = WAL")
         if mode != "wal":
             raise JournalError(
                 f"journal {path} cannot use write-ahead logging (SQLite stayed in "
@@ -353,35 +359,35 @@ async def open_writer(path: Path, synchronous: str) -> aiosqlite.Connection:
             f"cache_size = -{CACHE_KIB}",
             f"wal_autocheckpoint = {WAL_AUTOCHECKPOINT}",
         ):
-            await db.execute(f"PRAGMA {pragma}")
+            db.execute(f"PRAGMA {pragma}")
     except BaseException as exc:
-        await db.close()
+        db.close()
         if isinstance(exc, sqlite3.Error):
             raise JournalError(f"cannot open journal {path}: {exc}") from exc
         raise
     return db
 
 
-async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
     """Bring the journal to this code's schema version, all in one transaction."""
     migrations = MIGRATIONS
-    await db.execute("BEGIN IMMEDIATE")
+    db.execute("BEGIN IMMEDIATE")
     version = 0
     try:
         # Look again inside the transaction: another process may have created
         # or upgraded the file since `inspect`.
-        version = await _scalar(db, USER_VERSION)
-        tables = [row[0] for row in await db.execute_fetchall(TABLES)]
+        version = _scalar(db, USER_VERSION)
+        tables = [row[0] for row in db.execute(TABLES)]
         check_version(path, version, tables, migrate=True)
         for step in migrations[version:]:
             for statement in step:
-                await db.execute(statement)
+                db.execute(statement)
         if version != len(migrations):
-            await db.execute(f"PRAGMA user_version = {len(migrations)}")
-        await db.execute("COMMIT")
+            db.execute(f"PRAGMA user_version = {len(migrations)}")
+        db.execute("COMMIT")
     except BaseException as exc:
         if db.in_transaction:
-            await db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
         if isinstance(exc, sqlite3.Error):
             raise JournalError(
                 f"migrating journal {path} from schema version {version} to "
@@ -397,7 +403,7 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
         )
 
 
-async def _scalar(db: aiosqlite.Connection, sql: str) -> Any:
-    for row in await db.execute_fetchall(sql):
+def _scalar(db: sqlite3.Connection, sql: str) -> Any:
+    for row in db.execute(sql):
         return row[0]
     raise InternalError(f"{sql!r} returned no row; this is a bug, please report it")

@@ -76,9 +76,11 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import orjson
@@ -110,6 +112,10 @@ logger = logging.getLogger(__name__)
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL")
 _NOTHING = "nothing of this append was written"
+_FINISHED = frozenset(s.value for s in RunStatus if s.finished)
+# Run keys the writer remembers at most (about 100 bytes each); see `_Writer`.
+_KEYS_MAX = 100_000
+_T = TypeVar("_T")
 
 
 class _RunDelta:
@@ -164,30 +170,32 @@ class _RunDelta:
         if later.error_set:
             self.error_set, self.error = True, later.error
 
-    def params(self) -> tuple[str, tuple[Any, ...]]:
-        """The statement that applies this delta to the `runs` table, and its row."""
-        if self.submit is not None:
-            workflow, submitted_at = self.submit
-            return schema.INSERT_RUN, (
-                self.run_id,
-                workflow,
-                self.status or RunStatus.PENDING.value,
-                self.attempt or 0,
-                submitted_at,
-                self.updated_at,
-                self.count,
-                self.result,
-                self.error,
-            )
+    def insert_row(self) -> tuple[Any, ...]:
+        """The `runs` row of a run this delta submits."""
+        assert self.submit is not None
+        workflow, submitted_at = self.submit
+        return (
+            self.run_id,
+            workflow,
+            self.status or RunStatus.PENDING.value,
+            self.attempt or 0,
+            submitted_at,
+            self.updated_at,
+            self.count,
+            self.result,
+            self.error,
+        )
+
+    def touches_only(self) -> bool:
+        """Whether the delta changes only the count and time of the run."""
         unchanged = self.status is None and self.attempt is None
-        if unchanged and not (self.result_set or self.error_set):
-            return schema.TOUCH_RUN, (
-                self.updated_at,
-                self.count,
-                self.run_id,
-                self.first_seq,
-            )
-        return schema.UPDATE_RUN, (
+        return unchanged and not (self.result_set or self.error_set)
+
+    def touch_row(self, rk: int) -> tuple[Any, ...]:
+        return (self.updated_at, self.count, rk, self.first_seq)
+
+    def update_row(self, rk: int) -> tuple[Any, ...]:
+        return (
             self.status,
             self.attempt,
             self.updated_at,
@@ -196,7 +204,7 @@ class _RunDelta:
             self.result,
             self.error_set,
             self.error,
-            self.run_id,
+            rk,
             self.first_seq,
         )
 
@@ -273,6 +281,158 @@ class _Append:
         return f"append of {len(self.rows)} event(s) to {where}"
 
 
+class _Batch:
+    """The calls of one transaction, merged: what each statement writes.
+
+    Made on the event loop; merging may raise `_NotContiguous`. The rows of the
+    `runs` updates, the events and the cache need the runs' keys, which only
+    the writer's thread knows: it finishes them.
+    """
+
+    __slots__ = ("cache_rows", "deltas", "events", "finished", "inserts")
+
+    def __init__(self, calls: list[_Append]) -> None:
+        self.events: list[tuple[str, int, float, str, bytes]] = []
+        self.cache_rows: list[tuple[str, str, str, int, int]] = []
+        merged: dict[str, _RunDelta] = {}
+        copied: set[str] = set()
+        for call in calls:
+            self.events += call.rows
+            self.cache_rows += call.cache_rows
+            for run_id, delta in call.deltas.items():
+                into = merged.get(run_id)
+                if into is None:
+                    merged[run_id] = delta  # copied only if another call merges in
+                    continue
+                if run_id not in copied:
+                    into = merged[run_id] = into.copy()
+                    copied.add(run_id)
+                into.merge(delta)
+        self.inserts = [d.insert_row() for d in merged.values() if d.submit is not None]
+        self.deltas = [d for d in merged.values() if d.submit is None]
+        self.finished = [r for r, d in merged.items() if d.status in _FINISHED]
+
+
+class _Writer:
+    """The writer's connection, and the one thread that ever touches it.
+
+    A transaction is one function call on that thread (`write`), so that it
+    costs one hop from the event loop and back, not one per statement. The
+    thread also keeps `keys`, the `rk` of the runs it wrote to or looked up, so
+    that rows go in by key. Runs that finish are forgotten (a reopened run is
+    looked up again), and the table is cut by half past `_KEYS_MAX` entries.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: dict[str, int] = {}
+        self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="coda-journal-writer")
+
+    async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """`fn(connection)`, on the writer's thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._call, fn
+        )
+
+    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._db is None:
+            raise JournalError(f"journal {self.path} is closed for writing")
+        return fn(self._db)
+
+    async def open(self, synchronous: str) -> None:
+        def connect() -> None:
+            self._db = schema.open_writer(self.path, synchronous)
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, connect)
+
+    async def close(self) -> None:
+        """Close the connection (which checkpoints and removes the WAL)."""
+
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, close)
+        finally:
+            self._thread.shutdown(wait=False)
+
+    def write(self, batch: _Batch) -> None:
+        """Commit `batch` in one transaction, or nothing of it. On the thread."""
+        db, keys = self._db, self.keys
+        if db is None:
+            raise JournalError(f"journal {self.path} is closed for writing")
+        added: dict[str, int] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if batch.inserts:
+                (last,) = db.execute(schema.LAST_KEY).fetchone()
+                db.executemany(schema.INSERT_RUN, batch.inserts)
+                added = dict(db.execute(schema.KEYS_AFTER, (last,)))
+                keys.update(added)  # taken back below if the transaction fails
+            unknown = [d.run_id for d in batch.deltas if d.run_id not in keys]
+            if unknown:
+                found = dict(
+                    db.execute(schema.KEYS_OF, (orjson.dumps(unknown).decode(),))
+                )
+                if len(found) < len(unknown):
+                    raise _UnknownRuns([r for r in unknown if r not in found])
+                keys.update(found)
+            db.executemany(
+                schema.INSERT_EVENT,
+                [
+                    (keys[r], seq, at, kind, body)
+                    for r, seq, at, kind, body in batch.events
+                ],
+            )
+            touches = [
+                d.touch_row(keys[d.run_id]) for d in batch.deltas if d.touches_only()
+            ]
+            updates = [
+                d.update_row(keys[d.run_id])
+                for d in batch.deltas
+                if not d.touches_only()
+            ]
+            for statement, rows in (
+                (schema.TOUCH_RUN, touches),
+                (schema.UPDATE_RUN, updates),
+            ):
+                if rows:
+                    changed = db.executemany(statement, rows).rowcount
+                    if changed != len(rows):
+                        raise _NotContiguous(len(rows) - changed)
+            if batch.cache_rows:
+                db.executemany(
+                    schema.UPSERT_CACHE,
+                    [
+                        (keys[r], token, result, a, s)
+                        for r, token, result, a, s in batch.cache_rows
+                    ],
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            for run_id in added:
+                del keys[run_id]
+            self._rollback(db)
+            raise
+        for run_id in batch.finished:
+            keys.pop(run_id, None)
+        if len(keys) > _KEYS_MAX:
+            for run_id in list(islice(keys, len(keys) // 2)):
+                del keys[run_id]
+
+    def _rollback(self, db: sqlite3.Connection) -> None:
+        # SQLite rolls back by itself after some errors (a full disk, mostly).
+        if not db.in_transaction:
+            return
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            logger.exception("rolling back a failed append on %s failed", self.path)
+
+
 class SQLiteJournal:
     """The `Journal` on one SQLite file; `await SQLiteJournal.open(path)`.
 
@@ -283,7 +443,7 @@ class SQLiteJournal:
     def __init__(
         self,
         path: Path,
-        writer: aiosqlite.Connection | None,
+        writer: _Writer | None,
         reader: aiosqlite.Connection,
     ) -> None:
         self.path = path
@@ -320,7 +480,14 @@ class SQLiteJournal:
         # open is refused before anything could write to it.
         if readonly or path.exists():
             await schema.inspect(path, migrate=not readonly)
-        writer = None if readonly else await schema.open_writer(path, mode)
+        writer = None
+        if not readonly:
+            writer = _Writer(path)
+            try:
+                await writer.open(mode)
+            except BaseException:
+                await writer.close()
+                raise
         try:
             reader = await aiosqlite.connect(
                 schema.ro_uri(path),
@@ -454,79 +621,31 @@ class SQLiteJournal:
     async def _transaction(self, calls: list[_Append]) -> None:
         assert self._writer is not None
         started = time.perf_counter()
-        rows: list[tuple[str, int, float, str, bytes]] = []
-        cache_rows: list[tuple[str, str, str, int, int]] = []
-        merged: dict[str, _RunDelta] = {}
-        copied: set[str] = set()
-        for call in calls:
-            rows += call.rows
-            cache_rows += call.cache_rows
-            for run_id, delta in call.deltas.items():
-                into = merged.get(run_id)
-                if into is None:
-                    merged[run_id] = delta  # copied only if another call merges in
-                    continue
-                if run_id not in copied:
-                    into = merged[run_id] = into.copy()
-                    copied.add(run_id)
-                into.merge(delta)
-        # New runs first: the events and cache rows look up their run's key.
-        run_rows: dict[str, list[tuple[Any, ...]]] = {schema.INSERT_RUN: []}
-        for delta in merged.values():
-            statement, row = delta.params()
-            run_rows.setdefault(statement, []).append(row)
-
-        db = self._writer
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            if run_rows[schema.INSERT_RUN]:
-                await db.executemany(schema.INSERT_RUN, run_rows.pop(schema.INSERT_RUN))
-            await db.executemany(schema.INSERT_EVENT, rows)
-            for statement, params in run_rows.items():
-                if params:
-                    cursor = await db.executemany(statement, params)
-                    if cursor.rowcount != len(params):
-                        raise _NotContiguous(len(params) - cursor.rowcount)
-            if cache_rows:
-                await db.executemany(schema.UPSERT_CACHE, cache_rows)
-            await db.execute("COMMIT")
-        except BaseException:
-            await self._rollback()
-            raise
+        batch = _Batch(calls)
+        writer = self._writer
+        await writer.call(lambda _: writer.write(batch))
         self.commits += 1
         logger.debug(
             "committed %d events of %d appends to %s in %.1f ms",
-            len(rows),
+            len(batch.events),
             len(calls),
             self.path,
             (time.perf_counter() - started) * 1000,
         )
 
-    async def _rollback(self) -> None:
-        assert self._writer is not None
-        # SQLite rolls back by itself after some errors (a full disk, mostly).
-        if not self._writer.in_transaction:
-            return
-        try:
-            await self._writer.execute("ROLLBACK")
-        except sqlite3.Error:
-            logger.exception("rolling back a failed append on %s failed", self.path)
-
     async def _explain(self, exc: Exception, call: _Append) -> JournalError:
         """The error a failed call gets: what went wrong, and what to do."""
         what, text = call.describe(), str(exc)
+        if isinstance(exc, _UnknownRuns):
+            missing = [r for r in exc.runs if r in call.deltas] or exc.runs
+            return JournalError(
+                f"{what}: the journal has no RunSubmitted for run "
+                f"{', '.join(missing)}; a run's history starts with its "
+                f"submission; {_NOTHING}"
+            )
         if isinstance(exc, sqlite3.IntegrityError):
             if "events.rk, events.seq" in text:
                 return JournalError(f"{what}: {await self._taken(call)}; {_NOTHING}")
-            if ".rk" in text:  # the run's key was NULL: no such run
-                runs = sorted(call.deltas)
-                known = await self._query(schema.KNOWN_RUNS, orjson.dumps(runs))
-                missing = [r for r in runs if r not in {row[0] for row in known}]
-                return JournalError(
-                    f"{what}: the journal has no RunSubmitted for run "
-                    f"{', '.join(missing or runs)}; a run's history starts with "
-                    f"its submission; {_NOTHING}"
-                )
             if "runs.run_id" in text:
                 return JournalError(
                     f"{what}: the run was submitted already; a run id is submitted "
@@ -573,8 +692,8 @@ class SQLiteJournal:
         assert self._writer is not None
         args = [p.decode() if isinstance(p, bytes) else p for p in params]
         try:
-            return list(await self._writer.execute_fetchall(sql, args))
-        except sqlite3.Error:
+            return await self._writer.call(lambda db: db.execute(sql, args).fetchall())
+        except (sqlite3.Error, JournalError):
             return []
 
     # -- reading -----------------------------------------------------------------
@@ -672,9 +791,17 @@ class _NotContiguous(Exception):
         )
 
 
+class _UnknownRuns(Exception):
+    """Appended events of runs the journal never saw submitted."""
+
+    def __init__(self, runs: list[str]) -> None:
+        super().__init__(f"no RunSubmitted for run(s) {', '.join(runs[:5])}")
+        self.runs = runs
+
+
 def _per_call(exc: Exception) -> bool:
     """Whether `exc` may belong to one call of a batch rather than to the file."""
-    if isinstance(exc, _NotContiguous):
+    if isinstance(exc, (_NotContiguous, _UnknownRuns)):
         return True
     if not isinstance(exc, sqlite3.Error):
         return False

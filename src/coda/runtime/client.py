@@ -25,6 +25,7 @@ from coda.errors import (
     ProtocolError,
     RunCancelled,
     RunFailedError,
+    RunIdConflict,
     RunNotFound,
     RunParkedError,
     UnknownNameError,
@@ -32,6 +33,7 @@ from coda.errors import (
 from coda.journal import codec
 from coda.journal.events import Event
 from coda.protocol import Connection, client_handshake
+from coda.values import check_value
 
 __all__ = ["Client", "SyncClient", "default_socket_path"]
 
@@ -138,6 +140,8 @@ class Client:
                 raise (UnknownNameError if "workflow" in message else RunNotFound)(
                     message
                 )
+            if code == "conflict":
+                raise RunIdConflict(message)
             raise RequestError(code, message)
         return reply
 
@@ -152,6 +156,9 @@ class Client:
     ) -> str:
         """Start a run; with a `run_id` already used, return that run instead."""
         name = workflow.name if isinstance(workflow, WorkflowDef) else workflow
+        # Refused here, with the path named: on the wire a NaN would become
+        # null and a tuple a list without anyone noticing.
+        check_value(args or {}, f"args of workflow {name}")
         reply = await self.request(
             "submit", workflow=name, args=args or {}, run_id=run_id
         )
@@ -170,6 +177,7 @@ class Client:
         Raises like `result`: `RunFailedError`, `RunCancelled`, `RunParkedError`.
         """
         name = workflow.name if isinstance(workflow, WorkflowDef) else workflow
+        check_value(args or {}, f"args of workflow {name}")
         async with asyncio.timeout(timeout):
             summary = await self.request(
                 "submit", workflow=name, args=args or {}, run_id=run_id, wait=True

@@ -26,6 +26,7 @@ import attrs
 
 from coda.errors import ProtocolError
 from coda.protocol import Connection, server_handshake
+from coda.runtime.wire import WORKER_LINK_MAX_FRAME_BYTES
 
 __all__ = ["WorkerHandle", "WorkerPool"]
 
@@ -114,7 +115,9 @@ class WorkerPool:
             )
         finally:
             theirs.close()
-        conn = await Connection.from_socket(ours, name=f"worker {name}")
+        conn = await Connection.from_socket(
+            ours, name=f"worker {name}", max_frame_bytes=WORKER_LINK_MAX_FRAME_BYTES
+        )
         try:
             await server_handshake(conn)
         except ProtocolError as exc:
@@ -195,8 +198,16 @@ class WorkerPool:
         task.add_done_callback(self._respawns.discard)
 
     async def _respawn(self) -> None:
-        if not self._closing and len(self.workers) < self.size:
+        if self._closing or len(self.workers) >= self.size:
+            return
+        try:
             await self._spawn()
+        except OSError as exc:
+            # Out of file descriptors or processes, say: keep trying, slowly,
+            # rather than run on with fewer workers until restarted.
+            self._quick_deaths += 1
+            logger.error("cannot start a worker: %s; trying again", exc)
+            self._schedule_respawn()
 
     def kill(
         self, handle: WorkerHandle, reason: str, culprit: TryKey | None = None

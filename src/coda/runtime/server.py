@@ -36,14 +36,22 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import orjson
 
-from coda.errors import CodaError, ProtocolError, RunNotFound, UnknownNameError
+from coda.errors import (
+    CodaError,
+    ProtocolError,
+    RunIdConflict,
+    RunNotFound,
+    UnknownNameError,
+)
 from coda.journal import codec
 from coda.journal.base import RunSummary
 from coda.protocol import Connection, server_handshake
 from coda.runtime import faults
 from coda.runtime.supervisor import Supervisor
 from coda.runtime.wire import encode_error
+from coda.values import check_size
 
 __all__ = ["ClientServer", "summary_dict"]
 
@@ -171,6 +179,8 @@ class ClientServer:
             reply = {"op": "error", "code": exc.code, "message": str(exc)}
         except (RunNotFound, UnknownNameError) as exc:
             reply = {"op": "error", "code": "not-found", "message": str(exc)}
+        except RunIdConflict as exc:
+            reply = {"op": "error", "code": "conflict", "message": str(exc)}
         except CodaError as exc:
             reply = {"op": "error", "code": "failed", "message": str(exc)}
         except Exception as exc:
@@ -197,9 +207,12 @@ class ClientServer:
         args = msg.get("args") or {}
         if not isinstance(args, dict):
             raise BadRequest("bad-request", "submit's 'args' must be a JSON object")
-        # No check_json here: a frame's payload was parsed as JSON, so `args`
-        # is a JSON value already.
+        # A frame's payload was parsed as JSON, so `args` is a JSON value; only
+        # its size is left to check.
+        check_size(orjson.dumps(args), f"args of workflow {workflow}")
         chosen = msg.get("run_id")
+        if chosen == "":
+            raise BadRequest("bad-request", "an empty run id: give one, or none")
         run_id = chosen or uuid.uuid4().hex
         if not isinstance(run_id, str) or not RUN_ID.match(run_id):
             raise BadRequest(

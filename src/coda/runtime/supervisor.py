@@ -47,7 +47,15 @@ import attrs
 
 from coda import decide
 from coda.definitions import Registry
-from coda.errors import CodaError, Interrupted, JournalError, TaskTimeout
+from coda.errors import (
+    CodaError,
+    Interrupted,
+    JournalError,
+    ProtocolError,
+    RunIdConflict,
+    TaskTimeout,
+    ValueTooLarge,
+)
 from coda.journal import codec
 from coda.journal.base import Journal, RunSummary, summarize
 from coda.journal.events import (
@@ -78,6 +86,15 @@ def _is_due(state: RunState, step: StepState, now: float) -> bool:
     if step.status is StepStatus.SCHEDULED:
         return True
     return step.status is StepStatus.BACKOFF and (step.retry_at or 0.0) <= now
+
+
+def _same_workflow(run_id: str, existing: str, asked: str) -> None:
+    """A run id names one run: asking for it with another workflow is an error."""
+    if existing != asked:
+        raise RunIdConflict(
+            f"run id {run_id} is taken by a run of workflow {existing!r}, not "
+            f"{asked!r}; choose another id"
+        )
 
 
 def _has_pending_steps(state: RunState) -> bool:
@@ -570,16 +587,23 @@ class Supervisor:
             run.outbox = run.outbox[len(events) :]
         assert host is not None
         run.activating = True
-        host.conn.send(
-            {
-                "op": "activate",
-                "run": run.run_id,
-                "workflow": run.state.workflow,
-                "args": run.state.args,
-                "full": full,
-                "events": [codec.encode_dict(e) for e in events],
-            }
-        )
+        message = {
+            "op": "activate",
+            "run": run.run_id,
+            "workflow": run.state.workflow,
+            "args": run.state.args,
+            "full": full,
+            "events": [codec.encode_dict(e) for e in events],
+        }
+        try:
+            host.conn.send(message)
+        except (ValueTooLarge, ProtocolError) as exc:
+            # A history too large to send can never be hosted: park the run,
+            # visibly, instead of failing the supervisor on every start.
+            self._unhost(host, run.run_id)
+            logger.error("run %s cannot be activated: %s", run.run_id, exc)
+            error = ErrorInfo.from_exception(exc)
+            self._record(run, decide.park(run.state, error, self.clock()))
 
     def _pick_host(self) -> WorkerHandle | None:
         workers = self.pool.workers
@@ -824,10 +848,26 @@ class Supervisor:
         worker answering pings.
         """
         last_ping = 0.0
+        last_tick = time.monotonic()
         while True:
             await asyncio.sleep(0.1)
             now = self.clock()
             mono = time.monotonic()
+            stalled = mono - last_tick - 0.1
+            last_tick = mono
+            if stalled > 1.0:
+                # The supervisor itself was not running (SIGSTOP, a paused VM):
+                # the workers' answers wait unread, so nobody is late but us.
+                logger.warning(
+                    "supervisor stalled for %.1fs; extending heartbeats and timeouts",
+                    stalled,
+                )
+                for worker in self.pool.workers:
+                    worker.last_pong = mono
+                    for key, deadline in worker.tries.items():
+                        if deadline is not None:
+                            worker.tries[key] = deadline + stalled
+                continue
             ping = mono - last_ping >= self.heartbeat_interval
             if ping:
                 last_ping = mono
@@ -891,12 +931,15 @@ class Supervisor:
                 await asyncio.shield(pending)
                 continue
             if run_id in self.runs:
+                _same_workflow(run_id, self.runs[run_id].state.workflow, workflow)
                 return run_id, False
             break
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._submitting[run_id] = done
         try:
-            if not fresh and await self.journal.run(run_id) is not None:
+            known = None if fresh else await self.journal.run(run_id)
+            if known is not None:
+                _same_workflow(run_id, known.workflow, workflow)
                 return run_id, False
             state, events = decide.new_run(
                 run_id, definition.name, args, definition.policy, self.clock()

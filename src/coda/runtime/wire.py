@@ -37,7 +37,19 @@ from coda.replay.engine import (
     ScheduleTask,
 )
 
-__all__ = ["decode_command", "decode_error", "encode_command", "encode_error"]
+__all__ = [
+    "WORKER_LINK_MAX_FRAME_BYTES",
+    "decode_command",
+    "decode_error",
+    "encode_command",
+    "encode_error",
+]
+
+# An activation carries a run's whole history, and each value in it may be as
+# large as the value limit (16 MiB by default): the link to a worker allows far
+# more than a client's connection. A history larger still cannot be hosted, and
+# its run is parked with that reason.
+WORKER_LINK_MAX_FRAME_BYTES = 1024 * 1024 * 1024
 
 _converter = make_converter()
 _COMMANDS: dict[str, type[Any]] = {

@@ -38,8 +38,12 @@ from coda.journal.events import ErrorInfo
 from coda.protocol import Connection, HandshakeRefused, client_handshake
 from coda.replay.engine import WorkflowInstance
 from coda.runtime import faults
-from coda.runtime.wire import encode_command, encode_error
-from coda.values import check_json
+from coda.runtime.wire import (
+    WORKER_LINK_MAX_FRAME_BYTES,
+    encode_command,
+    encode_error,
+)
+from coda.values import check_value
 
 __all__ = ["Worker", "main"]
 
@@ -150,7 +154,7 @@ class Worker:
         faults.crash_point("worker.task_returned")
         if ok:
             try:
-                check_json(value, f"result of task {msg['task']}")
+                check_value(value, f"result of task {msg['task']}")
             except CodaError as exc:
                 ok, value = False, ErrorInfo.from_exception(exc)
         if ok:
@@ -187,7 +191,9 @@ def _call_sync(fn: Any, args: dict[str, Any]) -> Any:
 async def _main(fd: int, app: str, name: str, threads: int) -> None:
     registry = load_app(app)
     sock = socket.socket(fileno=fd)
-    conn = await Connection.from_socket(sock, name="supervisor")
+    conn = await Connection.from_socket(
+        sock, name="supervisor", max_frame_bytes=WORKER_LINK_MAX_FRAME_BYTES
+    )
     try:
         await client_handshake(conn, "worker", worker=name, pid=os.getpid())
     except ProtocolError as exc:
