@@ -923,3 +923,27 @@ def test_commands_of_a_fresh_run() -> None:
         ScheduleTask(1, 1, "engine.echo", {"value": 5}, ["e", 5], echo.policy, None),
     ]
     assert not instance.finished
+
+
+def test_a_cache_key_reuses_only_a_result_of_the_same_task() -> None:
+    @workflow("engine.cache_scope", max_retries=1, backoff=0.01)
+    async def flow() -> Any:
+        if coda.context.attempt() == 1:
+            await coda.context.spawn_task(echo, args={"value": "A"}, cache_key=["k"])
+            raise RuntimeError("once more")
+        first = await coda.context.spawn_task(
+            other, args={"value": "B"}, cache_key=["k"]
+        )
+        again = await coda.context.spawn_task(
+            echo, args={"value": "not run"}, cache_key=["k"]
+        )
+        return [first, again]
+
+    outcome, history = run(flow)
+
+    # `other` with the key of attempt 1's `echo` runs for real; `echo` with
+    # that key is reused.
+    assert outcome == [["other", "B"], "A"]
+    assert CALLS == {"echo": 1, "other": 1}
+    reused = [e for e in history if isinstance(e, ev.TaskReused)]
+    assert [(e.task, e.result) for e in reused] == [("engine.echo", "A")]

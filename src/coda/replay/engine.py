@@ -207,7 +207,11 @@ class WorkflowInstance:
         self.finished = False  # the run ended (completed, failed, cancelled)
         self._records: dict[tuple[int, int], Event] = {}
         self._endings: dict[int, Event] = {}
-        self._cache: dict[str, tuple[Any, int]] = {}
+        # Results of steps with a cache key, by (task name, key): a key reuses
+        # only a result of the same task.
+        self._cache: dict[tuple[str, str], tuple[Any, int]] = {}
+        # The task of every step this instance spawned, of every attempt.
+        self._step_tasks: dict[tuple[int, int], str] = {}
         self._loop = DeterministicLoop()  # type: ignore[abstract]
         self._main: asyncio.Task[Any] | None = None
         self._futures: list[asyncio.Future[Any]] = []
@@ -280,13 +284,14 @@ class WorkflowInstance:
                 self._start_attempt(event.attempt)
             elif isinstance(event, TaskCompleted):
                 if event.cache_key is not None:
-                    self._cache[cache_token(event.cache_key)] = (
+                    task = self._task_of(event.attempt, event.step)
+                    self._cache[(task, cache_token(event.cache_key))] = (
                         event.result,
                         event.attempt,
                     )
                 self._resolve(event, event.result, None)
             elif isinstance(event, TaskReused):
-                self._cache[cache_token(event.cache_key)] = (
+                self._cache[(event.task, cache_token(event.cache_key))] = (
                     event.result,
                     event.from_attempt,
                 )
@@ -375,6 +380,14 @@ class WorkflowInstance:
             ending = _ending_description(self._endings[self.attempt])
             self._diverge(made, ending, "code still waiting on a step")
 
+    def _task_of(self, attempt: int, step: int) -> str:
+        """The task a step ran: as this instance spawned it, or as recorded."""
+        name = self._step_tasks.get((attempt, step))
+        if name is None:
+            record = self._records.get((attempt, step))
+            name = record.task if isinstance(record, TaskScheduled) else ""
+        return name
+
     # What workflow code calls, through coda.context.
 
     def spawn_task(
@@ -399,11 +412,16 @@ class WorkflowInstance:
         future = self._loop.create_future()
         self._futures.append(future)
         self._task_names[step] = task.name
+        self._step_tasks[(self.attempt, step)] = task.name
         record = self._match(step, ("task", task.name, cache_key))
         if isinstance(record, TaskReused):
             future.set_result(record.result)
         elif record is None and self._divergence is None:
-            hit = self._cache.get(cache_token(cache_key)) if cache_key else None
+            hit = (
+                self._cache.get((task.name, cache_token(cache_key)))
+                if cache_key
+                else None
+            )
             if hit is not None and hit[1] < self.attempt:
                 assert cache_key is not None
                 self._new.append(
