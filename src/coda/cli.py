@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import enum
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from rich.table import Table
 from coda.errors import (
     CodaError,
     NondeterminismError,
+    ProtocolError,
     RunCancelled,
     RunFailedError,
     RunNotFound,
@@ -38,7 +40,8 @@ from coda.errors import (
 )
 from coda.journal import codec
 from coda.journal.events import Event
-from coda.runtime.client import DEFAULT_JOURNAL
+from coda.runtime.client import DEFAULT_JOURNAL, RequestError
+from coda.state import RunStatus
 
 __all__ = ["app", "main"]
 
@@ -84,6 +87,12 @@ JsonOpt = Annotated[
 ]
 
 
+class Durability(enum.StrEnum):
+    FULL = "FULL"
+    NORMAL = "NORMAL"
+    OFF = "OFF"
+
+
 def _print_json(value: Any) -> None:
     # Not through rich: a JSON line must never be wrapped or styled.
     sys.stdout.write(orjson.dumps(value).decode() + "\n")
@@ -106,9 +115,16 @@ def _guard(call: Any) -> Any:
         _fail(str(exc), EXIT_DIVERGED)
     except (RunFailedError, RunCancelled, RunParkedError) as exc:
         _fail(str(exc), EXIT_RUN_FAILED)
+    except RequestError as exc:
+        _fail(str(exc), 2 if exc.code == "bad-request" else 1)
+    except ProtocolError as exc:
+        # The supervisor went away mid-request: that is not a run failing.
+        _fail(f"lost the supervisor: {exc}", EXIT_NO_SUPERVISOR)
     except CodaError as exc:
         code = EXIT_NO_SUPERVISOR if "cannot reach a supervisor" in str(exc) else 1
         _fail(str(exc), code)
+    except FileNotFoundError as exc:
+        _fail(f"no such file: {exc.filename}", EXIT_NOT_FOUND)
 
 
 def _when(stamp: float | None) -> str:
@@ -147,7 +163,9 @@ def run(
     journal: JournalOpt = DEFAULT_JOURNAL,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", "-w", help="Worker processes (default: CPU count)."),
+        typer.Option(
+            "--workers", "-w", min=1, help="Worker processes (default: CPU count)."
+        ),
     ] = None,
     socket_path: Annotated[
         str | None, typer.Option("--socket", help="Unix socket for clients.")
@@ -160,12 +178,14 @@ def run(
     ] = None,
     token: TokenOpt = None,
     synchronous: Annotated[
-        str,
+        Durability,
         typer.Option(
             "--synchronous",
-            help="SQLite durability: FULL (default, survives power loss) or NORMAL.",
+            case_sensitive=False,
+            help="SQLite durability: FULL (default, survives power loss), NORMAL "
+            "(survives a crash of any process), OFF (throwaway journals).",
         ),
-    ] = "FULL",
+    ] = Durability.FULL,
     concurrency: Annotated[
         int,
         typer.Option(
@@ -186,12 +206,15 @@ def run(
     ] = 300.0,
     heartbeat_interval: Annotated[
         float,
-        typer.Option("--heartbeat-interval", help="Seconds between worker pings."),
+        typer.Option(
+            "--heartbeat-interval", min=0.05, help="Seconds between worker pings."
+        ),
     ] = 1.0,
     heartbeat_timeout: Annotated[
         float,
         typer.Option(
             "--heartbeat-timeout",
+            min=0.5,
             help="Seconds without an answer after which a worker is deemed hung "
             "and replaced (an async task blocking its event loop, say).",
         ),
@@ -218,6 +241,8 @@ def run(
     address = None
     if tcp:
         host, _, port = tcp.rpartition(":")
+        if not port.isdigit() or not 0 <= int(port) < 65536:
+            _fail(f"--tcp {tcp!r}: give HOST:PORT, e.g. 127.0.0.1:7400", 2)
         address = (host or "127.0.0.1", int(port))
     _guard(
         lambda: asyncio.run(
@@ -228,7 +253,7 @@ def run(
                 socket_path=socket_path,
                 tcp=address,
                 token=token,
-                synchronous=synchronous.upper(),
+                synchronous=synchronous.value,
                 log_level=level,
                 task_timeout=task_timeout or None,
                 concurrency=concurrency,
@@ -338,6 +363,9 @@ def wait(
         raise typer.Exit(EXIT_RUN_FAILED)
 
 
+_PAST = {"cancel": "cancelled", "retry": "retried", "resume": "resumed"}
+
+
 def _change(
     op: str,
     run_id: str,
@@ -350,7 +378,11 @@ def _change(
         journal, address, token, lambda c: c.request(op, run_id=run_id, reason=reason)
     )
     if not changed["changed"]:
-        _fail(f"run {changed['run_id']} cannot be {op}ed in its current status", 1)
+        _fail(
+            f"run {changed['run_id']} is {changed.get('status', 'not in a status')} "
+            f"and cannot be {_PAST[op]}",
+            1,
+        )
     out.print(f"run {changed['run_id']}: {op} recorded")
 
 
@@ -402,15 +434,15 @@ def resume(
 @app.command("ls")
 def list_runs(
     status: Annotated[
-        str | None,
-        typer.Option(
-            help="pending, running, retrying, parked, completed, failed or cancelled."
-        ),
+        RunStatus | None,
+        typer.Option(help="Only runs in this status."),
     ] = None,
     workflow: Annotated[
         str | None, typer.Option(help="Only runs of this workflow.")
     ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    limit: Annotated[
+        int, typer.Option(min=1, help="At most this many, newest first.")
+    ] = 50,
     journal: JournalOpt = DEFAULT_JOURNAL,
     as_json: JsonOpt = False,
 ) -> None:
@@ -419,7 +451,12 @@ def list_runs(
 
     _journal_must_exist(journal)
     runs = _guard(
-        lambda: read_runs_sync(journal, status=status, workflow=workflow, limit=limit)
+        lambda: read_runs_sync(
+            journal,
+            status=status.value if status else None,
+            workflow=workflow,
+            limit=limit,
+        )
     )
     if as_json:
         from coda.runtime.server import summary_dict

@@ -223,3 +223,30 @@ def test_cancelling_a_run_stops_its_running_async_task(coda: CodaProcess) -> Non
     assert not finished.exists()
     history = coda.history("stop-me")
     assert isinstance(history[-1], RunCancelled)
+
+
+def test_bad_options_are_usage_errors_not_tracebacks(workdir: Path) -> None:
+    def coda_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PYTHON, "-m", "coda", *args],
+            cwd=workdir,
+            env=base_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    for args in (
+        ("run", "e2e_app", "--synchronous", "sometimes"),
+        ("run", "e2e_app", "--tcp", "127.0.0.1:notaport"),
+        ("run", "e2e_app", "--workers", "0"),
+        ("run", "e2e_app", "--heartbeat-timeout", "0"),
+        ("ls", "--status", "bogus"),
+        ("ls", "--limit", "-5"),
+    ):
+        done = coda_cli(*args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr, args
+    # Nothing was created by the refused `coda run`s.
+    assert not (workdir / "coda.db").exists()

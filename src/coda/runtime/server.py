@@ -57,6 +57,9 @@ __all__ = ["ClientServer", "summary_dict"]
 
 logger = logging.getLogger(__name__)
 
+# sockaddr_un holds 108 bytes on Linux, the terminating NUL included.
+_MAX_UNIX_PATH = 107
+
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 
 
@@ -92,6 +95,12 @@ class ClientServer:
 
     async def start(self) -> None:
         if self.socket_path is not None:
+            if len(os.fsencode(self.socket_path)) > _MAX_UNIX_PATH:
+                raise CodaError(
+                    f"the client socket path {self.socket_path} is longer than a "
+                    f"Unix socket allows ({_MAX_UNIX_PATH} bytes); pass a shorter "
+                    "--socket, e.g. /tmp/coda-<name>.sock"
+                )
             self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if self.socket_path.exists():
                 self.socket_path.unlink()  # left by a supervisor that died
