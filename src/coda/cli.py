@@ -323,7 +323,8 @@ def submit(
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(summary)
+        # The run's summary, without the request's envelope.
+        _print_json({k: v for k, v in summary.items() if k not in ("op", "id")})
         return
     out.print(f"run {summary['run_id']} {summary['status']}")
     if summary["status"] == "completed":
@@ -489,6 +490,8 @@ def _event_detail(event: Event) -> str:
     if isinstance(body.get("error"), dict):
         error = body.pop("error")
         body["error"] = f"{error['type']}: {error['message']}"
+    if isinstance(body.get("retry_at"), float):
+        body["retry_at"] = _when(body["retry_at"])
     return ", ".join(f"{k}={_short(v, 70)}" for k, v in body.items() if v is not None)
 
 

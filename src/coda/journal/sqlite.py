@@ -615,8 +615,16 @@ class SQLiteJournal:
                 logger.warning("%s", error)
                 _settle(call, error)
             return
-        for call in calls:
+        half = len(calls) // 2
+        for call in calls[:half]:
             _settle(call, None)
+        loop = asyncio.get_running_loop()
+
+        def rest() -> None:
+            self._wakeup.set()
+            loop.call_soon(_settle_all, calls[half:])
+
+        loop.call_soon(rest)
 
     async def _transaction(self, calls: list[_Append]) -> None:
         assert self._writer is not None
@@ -809,6 +817,11 @@ def _per_call(exc: Exception) -> bool:
         sqlite3.SQLITE_CONSTRAINT,
         sqlite3.SQLITE_FULL,
     )
+
+
+def _settle_all(calls: list[_Append]) -> None:
+    for call in calls:
+        _settle(call, None)
 
 
 def _settle(call: _Append, error: BaseException | None) -> None:

@@ -71,11 +71,12 @@ async def serve(
             await supervisor.start()
             await server.start()
             logger.warning(
-                "coda: supervisor pid %d serving %s on %s with %d workers (%d runs "
-                "recovered)",
+                "coda: supervisor pid %d serving %s on %s%s with %d workers "
+                "(%d unfinished runs recovered)",
                 os.getpid(),
                 journal_path,
                 path,
+                f" and tcp://{tcp[0]}:{server.tcp_port()}" if tcp else "",
                 supervisor.pool.size,
                 len(supervisor.runs),
             )

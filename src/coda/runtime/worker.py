@@ -205,6 +205,8 @@ async def _main(fd: int, app: str, name: str, threads: int) -> None:
     worker = Worker(conn, registry, name, threads)
     try:
         await worker.serve()
+    except (ProtocolError, ConnectionError):
+        pass  # the supervisor died mid-message: nobody left to answer
     finally:
         await conn.close()
         # Threads running plain-def tasks cannot be interrupted; the supervisor
