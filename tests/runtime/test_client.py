@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from coda.errors import (
@@ -11,7 +13,7 @@ from coda.errors import (
     ValueNotJSON,
     ValueTooLarge,
 )
-from coda.runtime.client import RequestError
+from coda.runtime.client import Client, RequestError
 from coda.values import DEFAULT_MAX_VALUE_BYTES
 
 from .support import CodaProcess
@@ -74,3 +76,31 @@ def test_a_run_id_names_one_run_of_one_workflow(coda: CodaProcess) -> None:
             client.submit("echo", {"value": 1}, run_id="owned-id")
         with pytest.raises(RequestError, match="empty run id"):
             client.request("submit", workflow="quick", args={"x": 1}, run_id="")
+
+
+def test_concurrent_retries_of_a_failed_run_reopen_it_once(
+    coda: CodaProcess,
+) -> None:
+    with coda.client() as client:
+        run_id = client.submit("doomed", {"message": "fails"}, run_id="retry-twice")
+        with pytest.raises(RunFailedError):
+            client.result(run_id)
+
+    async def both() -> list[bool]:
+        first = await Client.connect(coda.socket)
+        second = await Client.connect(coda.socket)
+        try:
+            return list(await asyncio.gather(first.retry(run_id), second.retry(run_id)))
+        finally:
+            await first.close()
+            await second.close()
+
+    assert sorted(asyncio.run(both())) == [False, True]
+    with coda.client() as client, pytest.raises(RunFailedError):
+        client.result(run_id)
+    history = coda.history(run_id)
+    assert sum(type(e).__name__ == "RunRetried" for e in history) == 1
+    assert [e.attempt for e in history if type(e).__name__ == "AttemptStarted"] == [
+        1,
+        2,
+    ]

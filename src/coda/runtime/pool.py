@@ -143,12 +143,19 @@ class WorkerPool:
                 msg = await handle.conn.recv()
                 if msg is None:
                     break
-                self.on_message(handle, msg)
+                try:
+                    self.on_message(handle, msg)
+                except Exception:
+                    # A bug of ours: dropping the worker would charge its tries
+                    # for it. Say so loudly and go on with the next message.
+                    logger.exception(
+                        "worker %s: the supervisor failed handling its %r message; "
+                        "this is a bug, please report it",
+                        handle.name,
+                        msg.get("op"),
+                    )
         except ProtocolError as exc:
             handle.lost_reason = f"protocol error: {exc}"
-        except Exception:
-            logger.exception("worker %s: error handling its message", handle.name)
-            handle.lost_reason = "the supervisor failed handling its message"
         await self._lose(handle)
 
     async def _lose(self, handle: WorkerHandle) -> None:

@@ -989,21 +989,29 @@ class Supervisor:
 
     async def reopen(self, run_id: str, reason: str) -> bool:
         """Retry a failed or cancelled run, or resume a parked one."""
+        while (pending := self._submitting.get(run_id)) is not None:
+            await asyncio.shield(pending)  # another retry of it is being read
         run = self.runs.get(run_id)
         if run is not None:
             events = decide.resume(run.state, reason, self.clock())
             return bool(events) and await self._record(run, events)
-        history = await self.journal.history(run_id)
-        if not history:
-            return False
-        state = fold(history)
-        assert state is not None
-        events = decide.retry_run(state, reason, self.clock())
-        if not events:
-            return False
-        run = LiveRun(state, history, durable=len(history))
-        self.runs[run_id] = run
-        return await self._record(run, events)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._submitting[run_id] = done
+        try:
+            history = await self.journal.history(run_id)
+            state = fold(history)
+            if state is None:
+                return False
+            events = decide.retry_run(state, reason, self.clock())
+            if not events:
+                return False
+            run = LiveRun(state, history, durable=len(history))
+            self.runs[run_id] = run
+            recorded = self._record(run, events)
+        finally:
+            del self._submitting[run_id]
+            done.set_result(None)
+        return await recorded
 
     def live_runs(self) -> Iterable[LiveRun]:
         return self.runs.values()
