@@ -351,8 +351,10 @@ def test_disk_full_fails_with_a_clear_error_and_keeps_the_journal(
         await journal.append(completed_run("before"))
         writer = journal._writer  # the only way to make SQLite report SQLITE_FULL
         assert writer is not None
-        (pages,) = next(iter(await writer.execute_fetchall("PRAGMA page_count")))
-        await writer.execute(f"PRAGMA max_page_count = {pages + 2}")
+        (pages,) = await writer.call(
+            lambda db: db.execute("PRAGMA page_count").fetchone()
+        )
+        await writer.call(lambda db: db.execute(f"PRAGMA max_page_count = {pages + 2}"))
 
         big: list[Event] = [submitted("big")]
         big += [
@@ -383,7 +385,7 @@ def test_disk_full_fails_with_a_clear_error_and_keeps_the_journal(
         assert len(await journal.history("before")) == 4
         assert await journal.integrity_problems() == []
 
-        await writer.execute("PRAGMA max_page_count = 1073741823")
+        await writer.call(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
         await journal.append(big)
         assert len(await journal.history("big")) == 200
 
@@ -708,11 +710,16 @@ def test_synchronous_mode_is_applied_and_checked(tmp_path: Path) -> None:
     async def main() -> None:
         for mode, value in (("FULL", 2), ("normal", 1), ("OFF", 0)):
             journal = await SQLiteJournal.open(tmp_path / "j.db", synchronous=mode)
-            assert journal._writer is not None
-            rows = await journal._writer.execute_fetchall("PRAGMA synchronous")
-            assert next(iter(rows))[0] == value
-            rows = await journal._writer.execute_fetchall("PRAGMA journal_mode")
-            assert next(iter(rows))[0] == "wal"
+            writer = journal._writer
+            assert writer is not None
+            row = await writer.call(
+                lambda db: db.execute("PRAGMA synchronous").fetchone()
+            )
+            assert row[0] == value
+            row = await writer.call(
+                lambda db: db.execute("PRAGMA journal_mode").fetchone()
+            )
+            assert row[0] == "wal"
             await journal.close()
         with pytest.raises(ValueError, match="synchronous"):
             await SQLiteJournal.open(tmp_path / "j.db", synchronous="SOMETIMES")
@@ -917,9 +924,7 @@ def test_no_append_can_leave_a_gap_in_a_history(tmp_path: Path) -> None:
             return_exceptions=True,
         )
         with pytest.raises(JournalError, match="leaves a gap"):
-            await journal.append(
-                [step(RunCancelled, "r", 2), step(RunRetried, "r", 4)]
-            )
+            await journal.append([step(RunCancelled, "r", 2), step(RunRetried, "r", 4)])
         return list(outcomes), [e.seq for e in await journal.history("r")]
 
     outcomes, seqs = run_async(tmp_path / "j.db", body)

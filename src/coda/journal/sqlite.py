@@ -103,7 +103,7 @@ from coda.journal.events import (
     StepEvent,
     TaskCompleted,
 )
-from coda.state import RunStatus, cache_token, status_after
+from coda.state import RunStatus, cache_token, event_label, status_after
 from coda.values import dumps, loads
 
 __all__ = ["SYNCHRONOUS_MODES", "SQLiteJournal", "read_history_sync", "read_runs_sync"]
@@ -135,13 +135,13 @@ class _RunDelta:
         "updated_at",
     )
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, first_seq: int) -> None:
         self.run_id = run_id
         self.submit: tuple[str, float] | None = None  # (workflow, submitted_at)
         self.status: str | None = None  # None: unchanged
         self.attempt: int | None = None
         self.updated_at = 0.0
-        self.first_seq = 0  # position of the first event this delta appends
+        self.first_seq = first_seq  # position of the first event this delta appends
         self.count = 0
         self.result_set = False
         self.result: str | None = None
@@ -149,9 +149,8 @@ class _RunDelta:
         self.error: str | None = None
 
     def copy(self) -> _RunDelta:
-        other = _RunDelta(self.run_id)
+        other = _RunDelta(self.run_id, self.first_seq)
         other.submit = self.submit
-        other.first_seq = self.first_seq
         other.merge(self)
         return other
 
@@ -216,12 +215,14 @@ class _Append:
 
     def __init__(self, events: Sequence[Event]) -> None:
         self.rows: list[tuple[str, int, float, str, bytes]] = []
-        self.cache_rows: list[tuple[str, str, str, int, int]] = []
+        # Most calls have neither; the lists are made when needed (every
+        # object less is a little less work for the garbage collector).
+        self.cache_rows: list[tuple[str, str, str, int, int]] | tuple[()] = ()
+        self.submits: list[str] | tuple[()] = ()
         self.deltas: dict[str, _RunDelta] = {}
         self.future: asyncio.Future[None] | None = None
         for event in events:
             self._add(event)
-        self.submits = [r for r, d in self.deltas.items() if d.submit is not None]
 
     def _add(self, event: Event) -> None:
         run_id, seq, kind = event.run_id, event.seq, type(event).__name__
@@ -241,8 +242,7 @@ class _Append:
 
         delta = self.deltas.get(run_id)
         if delta is None:
-            delta = self.deltas[run_id] = _RunDelta(run_id)
-            delta.first_seq = seq
+            delta = self.deltas[run_id] = _RunDelta(run_id, seq)
         elif seq != delta.first_seq + delta.count:
             expected = delta.first_seq + delta.count
             what = "repeats a position of its own" if seq < expected else "leaves a gap"
@@ -252,16 +252,23 @@ class _Append:
             )
         delta.count += 1
         delta.updated_at = event.at
-        status = status_after(event)
+        status = _status_after(event)
         if status is not None:
-            delta.status = status.value
+            delta.status = status
         if isinstance(event, StepEvent):
             if isinstance(event, TaskCompleted) and event.cache_key is not None:
                 token, result = cache_token(event.cache_key), dumps(event.result)
                 row = (run_id, token, result.decode(), event.attempt, event.step)
-                self.cache_rows.append(row)
+                if not self.cache_rows:
+                    self.cache_rows = [row]
+                else:
+                    self.cache_rows.append(row)
         elif isinstance(event, RunSubmitted):
             delta.submit = (event.workflow, event.at)
+            if not self.submits:
+                self.submits = [run_id]
+            else:
+                self.submits.append(run_id)
         elif isinstance(event, AttemptStarted):
             delta.attempt = event.attempt
         elif isinstance(event, RunCompleted):
@@ -615,16 +622,8 @@ class SQLiteJournal:
                 logger.warning("%s", error)
                 _settle(call, error)
             return
-        half = len(calls) // 2
-        for call in calls[:half]:
+        for call in calls:
             _settle(call, None)
-        loop = asyncio.get_running_loop()
-
-        def rest() -> None:
-            self._wakeup.set()
-            loop.call_soon(_settle_all, calls[half:])
-
-        loop.call_soon(rest)
 
     async def _transaction(self, calls: list[_Append]) -> None:
         assert self._writer is not None
@@ -807,6 +806,28 @@ class _UnknownRuns(Exception):
         self.runs = runs
 
 
+def _status_after(event: Event) -> str | None:
+    """`status_after(event).value`, remembered for the classes whose status is theirs.
+
+    The status an event leads to follows from its label in the transition
+    tables; for most classes that label is the class name, so the answer is
+    the same for every event of the class and is worked out once.
+    """
+    cls = type(event)
+    known = _STATUS_OF.get(cls, _UNKNOWN)
+    if known is not _UNKNOWN:
+        return known
+    status = status_after(event)
+    value = None if status is None else status.value
+    if event_label(event) == cls.__name__:
+        _STATUS_OF[cls] = value
+    return value
+
+
+_UNKNOWN = "?"
+_STATUS_OF: dict[type, str | None] = {}
+
+
 def _per_call(exc: Exception) -> bool:
     """Whether `exc` may belong to one call of a batch rather than to the file."""
     if isinstance(exc, (_NotContiguous, _UnknownRuns)):
@@ -817,11 +838,6 @@ def _per_call(exc: Exception) -> bool:
         sqlite3.SQLITE_CONSTRAINT,
         sqlite3.SQLITE_FULL,
     )
-
-
-def _settle_all(calls: list[_Append]) -> None:
-    for call in calls:
-        _settle(call, None)
 
 
 def _settle(call: _Append, error: BaseException | None) -> None:
