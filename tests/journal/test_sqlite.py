@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import coda.journal._sqlite_schema as schema
+import coda.journal.sqlite as sqlite_module
 from coda.errors import JournalError, JournalVersionError, RunNotFound
 from coda.journal.codec import decode
 from coda.journal.events import (
@@ -420,6 +421,122 @@ def test_a_lock_held_elsewhere_fails_the_batch_at_once_and_passes(
         assert len(await journal.history("after")) == 3
 
     run_async(path, body)
+
+
+# -- run keys -------------------------------------------------------------------
+
+
+def keys_of(journal: SQLiteJournal) -> dict[str, int]:
+    assert journal._writer is not None
+    return journal._writer.keys
+
+
+def test_runs_written_by_an_earlier_journal_are_found_by_key(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    run_async(path, lambda j: j.append([*completed_run("a")[:2], submitted("b")]))
+
+    async def body(journal: SQLiteJournal) -> dict[str, int]:
+        assert keys_of(journal) == {}
+        await journal.append([step(RunCancelled, "b", 1)])
+        await journal.append([step(RunCompleted, "a", 2, attempt=1, result=1)])
+        return dict(keys_of(journal))
+
+    assert run_async(path, body) == {}  # both finished: forgotten again
+    assert [r.status for r in read_runs_sync(path)] == ["cancelled", "completed"]
+    assert read_history_sync(path, "a") == [
+        *completed_run("a")[:2],
+        step(RunCompleted, "a", 2, attempt=1, result=1),
+    ]
+    conn = sqlite3.connect(path)
+    rks = dict(conn.execute("SELECT run_id, rk FROM runs"))
+    assert conn.execute("SELECT rk, seq FROM events ORDER BY id").fetchall() == [
+        (rks["a"], 0), (rks["a"], 1), (rks["b"], 0), (rks["b"], 1), (rks["a"], 2)
+    ]  # fmt: skip
+    conn.close()
+
+
+def test_a_finished_run_is_forgotten_and_found_again_when_reopened(
+    tmp_path: Path,
+) -> None:
+    async def body(journal: SQLiteJournal) -> None:
+        await journal.append(failing_history("r")[:2])
+        assert "r" in keys_of(journal)
+        await journal.append([step(RunFailed, "r", 2, error=BOOM)])
+        assert "r" not in keys_of(journal)
+        await journal.append([step(RunRetried, "r", 3, reason="again")])
+        assert "r" in keys_of(journal)
+        summary = await journal.run("r")
+        assert summary is not None
+        assert (summary.status, summary.events) == ("pending", 4)
+
+    run_async(tmp_path / "j.db", body)
+
+
+def test_the_run_keys_stay_few(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_module, "_KEYS_MAX", 10)
+
+    async def body(journal: SQLiteJournal) -> None:
+        for i in range(40):
+            await journal.append([submitted(f"r{i:02}")])
+            assert len(keys_of(journal)) <= 10
+        # Forgotten runs are looked up again.
+        await journal.append([step(AttemptStarted, "r00", 1, attempt=1)])
+        await journal.append([step(AttemptStarted, "r01", 1, attempt=1)])
+        assert [len(await journal.history(f"r{i:02}")) for i in range(3)] == [2, 2, 1]
+
+    run_async(tmp_path / "j.db", body)
+
+
+def test_a_rolled_back_submission_leaves_no_key_behind(tmp_path: Path) -> None:
+    """The key a run got in a transaction that failed may be given to another
+    run next; an append to the first must then be refused, never written
+    under the other's key."""
+
+    async def body(journal: SQLiteJournal) -> None:
+        await journal.append(completed_run("before"))
+        writer = journal._writer
+        assert writer is not None
+        (pages,) = await writer.call(
+            lambda db: db.execute("PRAGMA page_count").fetchone()
+        )
+        await writer.call(lambda db: db.execute(f"PRAGMA max_page_count = {pages + 2}"))
+        big: list[Event] = [submitted("lost")] + [
+            step(SideEffectRecorded, "lost", i, attempt=1, step=i, kind="random",
+                 value="x" * 2000)
+            for i in range(1, 200)
+        ]  # fmt: skip
+        with pytest.raises(JournalError, match="disk is full"):
+            await journal.append(big)
+        assert "lost" not in keys_of(journal)
+        await writer.call(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
+
+        await journal.append([submitted("next")])  # may get the key "lost" had
+        with pytest.raises(JournalError, match="no RunSubmitted for run lost"):
+            await journal.append([step(AttemptStarted, "lost", 1, attempt=1)])
+        assert await journal.history("next") == [submitted("next")]
+        assert await journal.integrity_problems() == []
+
+    run_async(tmp_path / "j.db", body)
+
+
+def test_a_new_run_in_a_batch_retried_in_halves_is_written_once(
+    tmp_path: Path,
+) -> None:
+    async def body(journal: SQLiteJournal) -> list[Any]:
+        await journal.append([submitted("old")])
+        outcomes = await asyncio.gather(
+            journal.append(completed_run("new")[:2]),
+            journal.append([step(RunCancelled, "old", 5)]),  # a gap: refused
+            return_exceptions=True,
+        )
+        await journal.append([step(RunCompleted, "new", 2, attempt=1, result=1)])
+        assert await journal.integrity_problems() == []
+        return list(outcomes)
+
+    outcomes = run_async(tmp_path / "j.db", body)
+    assert outcomes[0] is None and isinstance(outcomes[1], JournalError)
+    history = read_history_sync(tmp_path / "j.db", "new")
+    assert [e.seq for e in history] == [0, 1, 2]
 
 
 # -- projections ----------------------------------------------------------------

@@ -37,14 +37,31 @@ before anything (even switching to WAL) could write to it.
 Group commit
 ------------
 With `synchronous=FULL` every commit waits for the disk. `append` therefore
-only prepares its rows and queues them; one writer task takes every call queued
-at that moment, writes them all in one transaction (one `executemany` per
-statement), commits, and then releases each caller. Calls that arrive while a
-transaction is being written wait for the next one, which is what makes batches
-large exactly when the load is high. Within a batch, the changes of all calls
-to one run are merged first, so its `runs` row is written once per transaction,
-not once per event. A caller is released only once its own events are durable,
-and within the file events keep the order of the calls.
+only prepares its rows (the events are encoded there, once, on the caller's
+turn of the event loop) and queues them; one writer task takes every call
+queued at that moment, merges them into one batch and has it written in one
+transaction (one `executemany` per statement), then releases each caller.
+Calls that arrive while a transaction is being written wait for the next one,
+which is what makes batches large exactly when the load is high. Within a
+batch, the changes of all calls to one run are merged first, so its `runs` row
+is written once per transaction, not once per event. A caller is released only
+once its own events are durable, and within the file events keep the order of
+the calls.
+
+The writer's thread
+-------------------
+The writer's connection is a plain `sqlite3` connection owned by a thread of
+its own (`_Writer`), and a whole transaction is one function call on that
+thread: one hop from the event loop and one back. Through aiosqlite, which the
+rest of Coda uses, every statement is a hop of its own (a queue to its thread,
+then a wake-up of the event loop to resume), five or six per transaction, and
+aiosqlite has no public way to run a function on its thread. Reads keep
+aiosqlite. The thread also knows the key `rk` of every run it wrote to or
+looked up (`_Writer.keys`), so that events, cache rows and `runs` updates go in
+by key; a run it does not know is looked up once, in the transaction. A
+finished run is forgotten (a reopened one is looked up again), and the table is
+halved past `_KEYS_MAX` runs, so that it stays small however many runs pass
+through.
 
 Failures
 --------
@@ -323,11 +340,8 @@ class _Batch:
 class _Writer:
     """The writer's connection, and the one thread that ever touches it.
 
-    A transaction is one function call on that thread (`write`), so that it
-    costs one hop from the event loop and back, not one per statement. The
-    thread also keeps `keys`, the `rk` of the runs it wrote to or looked up, so
-    that rows go in by key. Runs that finish are forgotten (a reopened run is
-    looked up again), and the table is cut by half past `_KEYS_MAX` entries.
+    See "The writer's thread" above. `keys` belongs to the thread too: only
+    `write` reads or changes it.
     """
 
     def __init__(self, path: Path) -> None:
