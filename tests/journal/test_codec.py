@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coda.errors import JournalError, JournalVersionError
+from coda.journal import codec
 from coda.journal import events as ev
 from coda.journal.codec import FORMAT_VERSION, decode, decode_dict, encode, encode_dict
 
@@ -334,6 +335,25 @@ def test_values_json_cannot_hold_are_refused_not_converted(value: object) -> Non
 def test_only_event_types_are_encoded() -> None:
     with pytest.raises(TypeError, match="not an event type"):
         encode_dict(ev.Event(run_id="r", seq=0, at=1.0))
+
+
+def test_an_integer_too_large_for_a_float_is_a_malformed_event() -> None:
+    with pytest.raises(JournalError, match=r"\$\.at"):
+        decode_dict(cancelled(at=10**400))
+
+
+def test_only_classes_whose_init_just_sets_fields_are_filled_slot_by_slot() -> None:
+    @attrs.frozen
+    class Checked:
+        x: int = attrs.field(validator=attrs.validators.gt(0))
+
+    @attrs.frozen
+    class Plain:
+        x: int
+
+    assert not codec._plain(Checked)
+    assert codec._plain(Plain)
+    assert all(codec._plain(cls) for cls in ev.EVENT_TYPES.values())
 
 
 def test_an_integer_time_is_read_as_a_float() -> None:

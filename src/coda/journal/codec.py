@@ -30,9 +30,9 @@ code that builds an object's dict field by field, and that reads each field with
 a single type test on the path where the field is right (`type(x) is not int`),
 working out what is wrong only when it is. What each field may hold follows from
 its annotation through `_CHECKS`; a field of a type missing there fails at
-import, so a new field cannot be read laxly by accident. Generic structuring
-with cattrs, which this replaced, decoded about 110,000 events a second; the
-generated readers about 700,000 (`benchmarks/RESULTS.md`).
+import, so a new field cannot be read laxly by accident. On the 30,005 events
+of the W5 benchmark's history, the generic structuring with cattrs that this
+replaced decoded about 240,000 events a second, these readers about 600,000.
 
 `ErrorInfo` and `RetryPolicy` objects are shared while decoding: every
 TaskScheduled of a history carries one of the same few policies, and a frozen
@@ -88,7 +88,10 @@ def _problem(path: str, expected: str, value: Any) -> _Malformed:
 
 def _as_float(value: Any, path: str) -> float:
     if type(value) is int:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            pass
     raise _problem(path, "float", value)
 
 
