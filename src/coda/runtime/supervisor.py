@@ -357,7 +357,7 @@ class Supervisor:
                 len(events),
                 error,
             )
-            await self._recover_from(jobs)
+            self._recover_from(jobs)
             return
         for _, then, done in jobs:
             if then is not None:
@@ -373,24 +373,75 @@ class Supervisor:
             if live.host is None and live.settled:
                 self._activate(live)
 
-    async def _recover_from(
+    def _recover_from(
         self, jobs: list[tuple[list[LiveRun], Callable[[], None] | None, Any]]
     ) -> None:
         runs = {run.run_id: run for job in jobs for run in job[0]}
         for _, _, done in jobs:
             if not done.done():
                 done.set_result(False)
-        # Give a full disk a moment before the reloaded runs try again.
+        # Reloaded after a moment, so that a full disk gets a chance to drain,
+        # and outside the chain of batches, which goes on meanwhile.
+        self._spawn(self._reload_later(list(runs.values())))
+
+    async def _reload_later(self, runs: list[LiveRun]) -> None:
         await asyncio.sleep(1.0)
-        for run in runs.values():
+        for run in runs:
             if self.runs.get(run.run_id) is not run:
-                continue  # finished meanwhile, or a refused submission
-            for worker in self.pool.workers:
-                for key in [k for k in worker.tries if k[0] == run.run_id]:
-                    del worker.tries[key]
+                # Finished meanwhile, or a refused submission: no try of it is
+                # of use any more.
+                self._reconcile_tries(run.run_id, None)
+                continue
             await self._reload(run)
-            if self.runs.get(run.run_id) is run:  # not gone, nor submitted anew
-                self._after_change(run, None)
+            if self.runs.get(run.run_id) is not run:
+                self._reconcile_tries(run.run_id, None)
+                continue  # gone, or submitted anew
+            orphans = self._reconcile_tries(run.run_id, run.state)
+            # A try whose start is durable but which no worker runs any more
+            # (its outcome arrived and could not be recorded) runs again.
+            error = ErrorInfo.from_exception(
+                Interrupted("its outcome could not be recorded; it runs again")
+            )
+            events: list[Event] = []
+            for step in orphans:
+                events += decide.on_task_failure(
+                    run.state,
+                    step.attempt,
+                    step.step,
+                    step.try_number,
+                    error,
+                    self.clock(),
+                )
+            if events:
+                self._record(run, events)
+            self._after_change(run, None)
+
+    def _reconcile_tries(self, run_id: str, state: RunState | None) -> list[StepState]:
+        """Keep the workers' tries of a run that its durable state knows running;
+        return the steps that state has running with no worker holding them."""
+        held: set[tuple[int, int, int]] = set()
+        for worker in self.pool.workers:
+            for key in [k for k in worker.tries if k[0] == run_id]:
+                step = state.steps.get(key[1:3]) if state is not None else None
+                running = (
+                    step is not None
+                    and step.status is StepStatus.STARTED
+                    and step.try_number == key[3]
+                )
+                if running:
+                    held.add(key[1:])
+                else:
+                    del worker.tries[key]
+                    if worker.exclusive:
+                        worker.exclusive = False
+        if state is None:
+            return []
+        return [
+            step
+            for step in state.steps.values()
+            if step.status is StepStatus.STARTED
+            and (step.attempt, step.step, step.try_number) not in held
+        ]
 
     async def _commit(self, events: list[Event]) -> None:
         faults.crash_point("supervisor.before_commit")
