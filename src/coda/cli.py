@@ -244,6 +244,14 @@ def run(
         if not port.isdigit() or not 0 <= int(port) < 65536:
             _fail(f"--tcp {tcp!r}: give HOST:PORT, e.g. 127.0.0.1:7400", 2)
         address = (host or "127.0.0.1", int(port))
+    if heartbeat_interval >= heartbeat_timeout:
+        _fail(
+            f"--heartbeat-interval ({heartbeat_interval}s) must be shorter than "
+            f"--heartbeat-timeout ({heartbeat_timeout}s)",
+            2,
+        )
+    if not task_timeout >= 0:  # NaN too
+        _fail(f"--task-timeout must be 0 (no limit) or positive, not {task_timeout}", 2)
     _guard(
         lambda: asyncio.run(
             serve(
@@ -299,8 +307,8 @@ def submit(
 ) -> None:
     """Submit a run of WORKFLOW; print its run id (and its result with --wait)."""
     try:
-        parsed = json.loads(args)
-    except json.JSONDecodeError as exc:
+        parsed = json.loads(args, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
         _fail(f"ARGS is not JSON: {exc}", 2)
     if not isinstance(parsed, dict):
         _fail("ARGS must be a JSON object of keyword arguments", 2)
@@ -362,6 +370,10 @@ def wait(
         _print_summary(summary, as_json)
     if any(s["status"] != "completed" for s in summaries):
         raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (JSON has no NaN or infinity)")
 
 
 _PAST = {"cancel": "cancelled", "retry": "retried", "resume": "resumed"}

@@ -134,6 +134,7 @@ def test_cancel_a_running_run(coda: CodaProcess) -> None:
     # Cancelled already: nothing to change.
     again = coda.cli("cancel", "cancel-me-7f3a")
     assert again.returncode == 1
+    assert "is cancelled and cannot be cancelled" in again.stderr
     listed = coda.cli("ls", "--json", "--status", "cancelled")
     assert [json.loads(line)["run_id"] for line in listed.stdout.splitlines()] == [
         "cancel-me-7f3a"
@@ -244,6 +245,10 @@ def test_bad_options_are_usage_errors_not_tracebacks(workdir: Path) -> None:
         ("run", "e2e_app", "--heartbeat-timeout", "0"),
         ("ls", "--status", "bogus"),
         ("ls", "--limit", "-5"),
+        ("run", "e2e_app", "--heartbeat-interval", "5", "--heartbeat-timeout", "1"),
+        ("run", "e2e_app", "--task-timeout=-3"),
+        ("run", "e2e_app", "--task-timeout=nan"),
+        ("submit", "quick", '{"x": NaN}'),
     ):
         done = coda_cli(*args)
         assert done.returncode == 2, (args, done.stdout, done.stderr)

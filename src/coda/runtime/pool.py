@@ -82,6 +82,7 @@ class WorkerPool:
         self.workers: list[WorkerHandle] = []
         self._serial = 0
         self._quick_deaths = 0
+        self._last_loss = ""
         self._closing = False
         self._readers: set[asyncio.Task[None]] = set()
         # Replacements being started, so that `close` can stop them too.
@@ -178,6 +179,7 @@ class WorkerPool:
             len(handle.tries),
             len(handle.hosted),
         )
+        self._last_loss = reason
         if time.monotonic() - handle.started_at < 2.0:
             self._quick_deaths += 1
         else:
@@ -191,8 +193,9 @@ class WorkerPool:
         delay = min(0.1 * 2**self._quick_deaths, 5.0) if self._quick_deaths else 0.0
         if self._quick_deaths >= 3:
             logger.error(
-                "workers keep dying right after they start; next one in %.1fs. "
-                "Check that the app imports cleanly",
+                "workers keep dying right after they start (the last: %s); next "
+                "one in %.1fs. Check that the app imports cleanly",
+                self._last_loss,
                 delay,
             )
         asyncio.get_running_loop().call_later(delay, self._start_respawn)
@@ -213,6 +216,7 @@ class WorkerPool:
             # Out of file descriptors or processes, say: keep trying, slowly,
             # rather than run on with fewer workers until restarted.
             self._quick_deaths += 1
+            self._last_loss = f"could not start: {exc}"
             logger.error("cannot start a worker: %s; trying again", exc)
             self._schedule_respawn()
 

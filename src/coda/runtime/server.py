@@ -266,14 +266,20 @@ class ClientServer:
         changed = await self.supervisor.cancel(
             run_id, str(msg.get("reason") or "cancelled")
         )
-        return {"op": "done", "run_id": run_id, "changed": changed}
+        return await self._done(run_id, changed)
 
     async def _reopen(self, msg: dict[str, Any]) -> dict[str, Any]:
         run_id = await self._resolve(msg)
         changed = await self.supervisor.reopen(
             run_id, str(msg.get("reason") or msg["op"])
         )
-        return {"op": "done", "run_id": run_id, "changed": changed}
+        return await self._done(run_id, changed)
+
+    async def _done(self, run_id: str, changed: bool) -> dict[str, Any]:
+        live = self.supervisor.runs.get(run_id)
+        summary = await self.supervisor.journal.run(run_id) if live is None else None
+        status = live.state.status.value if live else summary and summary.status
+        return {"op": "done", "run_id": run_id, "changed": changed, "status": status}
 
     async def _list(self, msg: dict[str, Any]) -> dict[str, Any]:
         limit = msg.get("limit") or 100
