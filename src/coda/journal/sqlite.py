@@ -388,19 +388,14 @@ class _Writer:
         added: dict[str, int] = {}
         db.execute("BEGIN IMMEDIATE")
         try:
+            # New runs first: everything else is written by the runs' keys.
             if batch.inserts:
                 (last,) = db.execute(schema.LAST_KEY).fetchone()
                 db.executemany(schema.INSERT_RUN, batch.inserts)
                 added = dict(db.execute(schema.KEYS_AFTER, (last,)))
                 keys.update(added)  # taken back below if the transaction fails
-            unknown = [d.run_id for d in batch.deltas if d.run_id not in keys]
-            if unknown:
-                found = dict(
-                    db.execute(schema.KEYS_OF, (orjson.dumps(unknown).decode(),))
-                )
-                if len(found) < len(unknown):
-                    raise _UnknownRuns([r for r in unknown if r not in found])
-                keys.update(found)
+            self._look_up([d.run_id for d in batch.deltas if d.run_id not in keys])
+
             db.executemany(
                 schema.INSERT_EVENT,
                 [
@@ -408,22 +403,7 @@ class _Writer:
                     for r, seq, at, kind, body in batch.events
                 ],
             )
-            touches = [
-                d.touch_row(keys[d.run_id]) for d in batch.deltas if d.touches_only()
-            ]
-            updates = [
-                d.update_row(keys[d.run_id])
-                for d in batch.deltas
-                if not d.touches_only()
-            ]
-            for statement, rows in (
-                (schema.TOUCH_RUN, touches),
-                (schema.UPDATE_RUN, updates),
-            ):
-                if rows:
-                    changed = db.executemany(statement, rows).rowcount
-                    if changed != len(rows):
-                        raise _NotContiguous(len(rows) - changed)
+            self._update_runs(db, batch.deltas)
             if batch.cache_rows:
                 db.executemany(
                     schema.UPSERT_CACHE,
@@ -434,15 +414,45 @@ class _Writer:
                 )
             db.execute("COMMIT")
         except BaseException:
+            # The keys of runs inserted by a rolled back transaction may be
+            # given to other runs next: forgetting them is what keeps events
+            # from ever being written under another run's key.
             for run_id in added:
                 del keys[run_id]
             self._rollback(db)
             raise
+
         for run_id in batch.finished:
             keys.pop(run_id, None)
         if len(keys) > _KEYS_MAX:
             for run_id in list(islice(keys, len(keys) // 2)):
                 del keys[run_id]
+
+    def _look_up(self, run_ids: list[str]) -> None:
+        """Learn the keys of runs submitted before; `_UnknownRuns` if any is not."""
+        if not run_ids:
+            return
+        assert self._db is not None
+        found = dict(
+            self._db.execute(schema.KEYS_OF, (orjson.dumps(run_ids).decode(),))
+        )
+        if len(found) < len(run_ids):
+            raise _UnknownRuns([r for r in run_ids if r not in found])
+        self.keys.update(found)  # valid whatever becomes of the transaction
+
+    def _update_runs(self, db: sqlite3.Connection, deltas: list[_RunDelta]) -> None:
+        """The `runs` rows of runs appended to, each only if its count is right."""
+        keys = self.keys
+        touches = [d.touch_row(keys[d.run_id]) for d in deltas if d.touches_only()]
+        updates = [d.update_row(keys[d.run_id]) for d in deltas if not d.touches_only()]
+        for statement, rows in (
+            (schema.TOUCH_RUN, touches),
+            (schema.UPDATE_RUN, updates),
+        ):
+            if rows:
+                changed = db.executemany(statement, rows).rowcount
+                if changed != len(rows):
+                    raise _NotContiguous(len(rows) - changed)
 
     def _rollback(self, db: sqlite3.Connection) -> None:
         # SQLite rolls back by itself after some errors (a full disk, mostly).
