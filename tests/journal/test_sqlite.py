@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import coda.journal._sqlite_schema as schema
-import coda.journal.sqlite as sqlite_module
+import coda.journal._sqlite_writer as writer_module
 from coda.errors import JournalError, JournalVersionError, RunNotFound
 from coda.journal.codec import decode
 from coda.journal.events import (
@@ -473,7 +473,7 @@ def test_a_finished_run_is_forgotten_and_found_again_when_reopened(
 
 
 def test_the_run_keys_stay_few(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sqlite_module, "_KEYS_MAX", 10)
+    monkeypatch.setattr(writer_module, "KEYS_MAX", 10)
 
     async def body(journal: SQLiteJournal) -> None:
         for i in range(40):

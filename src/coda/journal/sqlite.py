@@ -13,7 +13,8 @@ thousand runs rewrites a thousand full pages: with raw SQLite at
 `synchronous=FULL` that measured about 40,000 events a second against about
 130,000 this way. The `history` view shows events with their text run ids, for
 people reading the file by hand. Statements, migrations and the opening of
-files are in `coda.journal._sqlite_schema`.
+files are in `coda.journal._sqlite_schema`; the preparing and writing of appends
+in `coda.journal._sqlite_writer`.
 
 Two projections are kept in the same transaction as the events they come from,
 so that they can never disagree with the history:
@@ -51,16 +52,16 @@ the calls.
 The writer's thread
 -------------------
 The writer's connection is a plain `sqlite3` connection owned by a thread of
-its own (`_Writer`), and a whole transaction is one function call on that
+its own (`Writer`), and a whole transaction is one function call on that
 thread: one hop from the event loop and one back. Through aiosqlite, which the
 rest of Coda uses, every statement is a hop of its own (a queue to its thread,
 then a wake-up of the event loop to resume), five or six per transaction, and
 aiosqlite has no public way to run a function on its thread. Reads keep
 aiosqlite. The thread also knows the key `rk` of every run it wrote to or
-looked up (`_Writer.keys`), so that events, cache rows and `runs` updates go in
+looked up (`Writer.keys`), so that events, cache rows and `runs` updates go in
 by key; a run it does not know is looked up once, in the transaction. A
 finished run is forgotten (a reopened one is looked up again), and the table is
-halved past `_KEYS_MAX` runs, so that it stays small however many runs pass
+halved past `KEYS_MAX` runs, so that it stays small however many runs pass
 through.
 
 Failures
@@ -93,11 +94,9 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
 import orjson
@@ -105,363 +104,25 @@ import orjson
 from coda.errors import JournalError
 from coda.journal import _sqlite_schema as schema
 from coda.journal._sqlite_schema import read_history_sync, read_runs_sync
-from coda.journal.base import RunSummary
-from coda.journal.codec import decode, encode
-from coda.journal.events import (
-    AttemptFailed,
-    AttemptStarted,
-    Event,
-    RunCompleted,
-    RunFailed,
-    RunParked,
-    RunResumed,
-    RunRetried,
-    RunSubmitted,
-    StepEvent,
-    TaskCompleted,
+from coda.journal._sqlite_writer import (
+    NOTHING,
+    Append,
+    Batch,
+    NotContiguous,
+    UnknownRuns,
+    Writer,
 )
-from coda.state import RunStatus, cache_token, event_label, status_after
-from coda.values import dumps, loads
+from coda.journal.base import RunSummary
+from coda.journal.codec import decode
+from coda.journal.events import Event
+from coda.state import cache_token
+from coda.values import loads
 
 __all__ = ["SYNCHRONOUS_MODES", "SQLiteJournal", "read_history_sync", "read_runs_sync"]
 
 logger = logging.getLogger(__name__)
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL")
-_NOTHING = "nothing of this append was written"
-_FINISHED = frozenset(s.value for s in RunStatus if s.finished)
-# Run keys the writer remembers at most (about 100 bytes each); see `_Writer`.
-_KEYS_MAX = 100_000
-_T = TypeVar("_T")
-
-
-class _RunDelta:
-    """What one append, or a batch of them, changes in one run's `runs` row."""
-
-    __slots__ = (
-        "attempt",
-        "count",
-        "error",
-        "error_set",
-        "first_seq",
-        "result",
-        "result_set",
-        "run_id",
-        "status",
-        "submit",
-        "updated_at",
-    )
-
-    def __init__(self, run_id: str, first_seq: int) -> None:
-        self.run_id = run_id
-        self.submit: tuple[str, float] | None = None  # (workflow, submitted_at)
-        self.status: str | None = None  # None: unchanged
-        self.attempt: int | None = None
-        self.updated_at = 0.0
-        self.first_seq = first_seq  # position of the first event this delta appends
-        self.count = 0
-        self.result_set = False
-        self.result: str | None = None
-        self.error_set = False
-        self.error: str | None = None
-
-    def copy(self) -> _RunDelta:
-        other = _RunDelta(self.run_id, self.first_seq)
-        other.submit = self.submit
-        other.merge(self)
-        return other
-
-    def merge(self, later: _RunDelta) -> None:
-        """Apply `later`, the delta of a later call, on top of this one."""
-        if later.first_seq != self.first_seq + self.count:
-            raise _NotContiguous(1)
-        if later.status is not None:
-            self.status = later.status
-        if later.attempt is not None:
-            self.attempt = later.attempt
-        self.updated_at = later.updated_at
-        self.count += later.count
-        if later.result_set:
-            self.result_set, self.result = True, later.result
-        if later.error_set:
-            self.error_set, self.error = True, later.error
-
-    def insert_row(self) -> tuple[Any, ...]:
-        """The `runs` row of a run this delta submits."""
-        assert self.submit is not None
-        workflow, submitted_at = self.submit
-        return (
-            self.run_id,
-            workflow,
-            self.status or RunStatus.PENDING.value,
-            self.attempt or 0,
-            submitted_at,
-            self.updated_at,
-            self.count,
-            self.result,
-            self.error,
-        )
-
-    def touches_only(self) -> bool:
-        """Whether the delta changes only the count and time of the run."""
-        unchanged = self.status is None and self.attempt is None
-        return unchanged and not (self.result_set or self.error_set)
-
-    def touch_row(self, rk: int) -> tuple[Any, ...]:
-        return (self.updated_at, self.count, rk, self.first_seq)
-
-    def update_row(self, rk: int) -> tuple[Any, ...]:
-        return (
-            self.status,
-            self.attempt,
-            self.updated_at,
-            self.count,
-            self.result_set,
-            self.result,
-            self.error_set,
-            self.error,
-            rk,
-            self.first_seq,
-        )
-
-
-class _Append:
-    """One call to `append`: its rows, ready to write, and the caller's future."""
-
-    __slots__ = ("cache_rows", "deltas", "future", "rows", "submits")
-
-    def __init__(self, events: Sequence[Event]) -> None:
-        self.rows: list[tuple[str, int, float, str, bytes]] = []
-        # Most calls have neither; the lists are made when needed (every
-        # object less is a little less work for the garbage collector).
-        self.cache_rows: list[tuple[str, str, str, int, int]] | tuple[()] = ()
-        self.submits: list[str] | tuple[()] = ()
-        self.deltas: dict[str, _RunDelta] = {}
-        self.future: asyncio.Future[None] | None = None
-        for event in events:
-            self._add(event)
-
-    def _add(self, event: Event) -> None:
-        run_id, seq, kind = event.run_id, event.seq, type(event).__name__
-        if not isinstance(run_id, str) or not run_id or type(seq) is not int or seq < 0:
-            raise JournalError(
-                f"cannot append {kind} with run_id={run_id!r}, seq={seq!r}: a run "
-                f"id is a non-empty str and a position an int >= 0; {_NOTHING}"
-            )
-        try:
-            body = encode(event)
-        except (TypeError, ValueError) as exc:
-            raise JournalError(
-                f"run {run_id}: event #{seq} {kind} cannot be encoded ({exc}); "
-                + _NOTHING
-            ) from exc
-        self.rows.append((run_id, seq, event.at, kind, body))
-
-        delta = self.deltas.get(run_id)
-        if delta is None:
-            delta = self.deltas[run_id] = _RunDelta(run_id, seq)
-        elif seq != delta.first_seq + delta.count:
-            expected = delta.first_seq + delta.count
-            what = "repeats a position of its own" if seq < expected else "leaves a gap"
-            raise JournalError(
-                f"run {run_id}: event #{seq} {kind} {what} (expected #{expected}); "
-                + _NOTHING
-            )
-        delta.count += 1
-        delta.updated_at = event.at
-        status = _status_after(event)
-        if status is not None:
-            delta.status = status
-        if isinstance(event, StepEvent):
-            if isinstance(event, TaskCompleted) and event.cache_key is not None:
-                token, result = cache_token(event.cache_key), dumps(event.result)
-                row = (run_id, token, result.decode(), event.attempt, event.step)
-                if not self.cache_rows:
-                    self.cache_rows = [row]
-                else:
-                    self.cache_rows.append(row)
-        elif isinstance(event, RunSubmitted):
-            delta.submit = (event.workflow, event.at)
-            if not self.submits:
-                self.submits = [run_id]
-            else:
-                self.submits.append(run_id)
-        elif isinstance(event, AttemptStarted):
-            delta.attempt = event.attempt
-        elif isinstance(event, RunCompleted):
-            delta.result_set, delta.result = True, dumps(event.result).decode()
-            delta.error_set, delta.error = True, None
-        elif isinstance(event, (RunFailed, RunParked, AttemptFailed)):
-            delta.error_set, delta.error = True, schema.error_json(event.error)
-        elif isinstance(event, (RunRetried, RunResumed)):
-            delta.error_set, delta.error = True, None
-
-    def describe(self) -> str:
-        runs = sorted(self.deltas)
-        if len(runs) == 1:
-            where = f"run {runs[0]} (#{self.rows[0][1]}..#{self.rows[-1][1]})"
-        else:
-            where = f"runs {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}"
-        return f"append of {len(self.rows)} event(s) to {where}"
-
-
-class _Batch:
-    """The calls of one transaction, merged: what each statement writes.
-
-    Made on the event loop; merging may raise `_NotContiguous`. The rows of the
-    `runs` updates, the events and the cache need the runs' keys, which only
-    the writer's thread knows: it finishes them.
-    """
-
-    __slots__ = ("cache_rows", "deltas", "events", "finished", "inserts")
-
-    def __init__(self, calls: list[_Append]) -> None:
-        self.events: list[tuple[str, int, float, str, bytes]] = []
-        self.cache_rows: list[tuple[str, str, str, int, int]] = []
-        merged: dict[str, _RunDelta] = {}
-        copied: set[str] = set()
-        for call in calls:
-            self.events += call.rows
-            self.cache_rows += call.cache_rows
-            for run_id, delta in call.deltas.items():
-                into = merged.get(run_id)
-                if into is None:
-                    merged[run_id] = delta  # copied only if another call merges in
-                    continue
-                if run_id not in copied:
-                    into = merged[run_id] = into.copy()
-                    copied.add(run_id)
-                into.merge(delta)
-        self.inserts = [d.insert_row() for d in merged.values() if d.submit is not None]
-        self.deltas = [d for d in merged.values() if d.submit is None]
-        self.finished = [r for r, d in merged.items() if d.status in _FINISHED]
-
-
-class _Writer:
-    """The writer's connection, and the one thread that ever touches it.
-
-    See "The writer's thread" above. `keys` belongs to the thread too: only
-    `write` reads or changes it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.keys: dict[str, int] = {}
-        self._db: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="coda-journal-writer")
-
-    async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """`fn(connection)`, on the writer's thread."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._call, fn
-        )
-
-    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._db is None:
-            raise JournalError(f"journal {self.path} is closed for writing")
-        return fn(self._db)
-
-    async def open(self, synchronous: str) -> None:
-        def connect() -> None:
-            self._db = schema.open_writer(self.path, synchronous)
-
-        await asyncio.get_running_loop().run_in_executor(self._thread, connect)
-
-    async def close(self) -> None:
-        """Close the connection (which checkpoints and removes the WAL)."""
-
-        def close() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._thread, close)
-        finally:
-            self._thread.shutdown(wait=False)
-
-    def write(self, batch: _Batch) -> None:
-        """Commit `batch` in one transaction, or nothing of it. On the thread."""
-        db, keys = self._db, self.keys
-        if db is None:
-            raise JournalError(f"journal {self.path} is closed for writing")
-        added: dict[str, int] = {}
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            # New runs first: everything else is written by the runs' keys.
-            if batch.inserts:
-                (last,) = db.execute(schema.LAST_KEY).fetchone()
-                db.executemany(schema.INSERT_RUN, batch.inserts)
-                added = dict(db.execute(schema.KEYS_AFTER, (last,)))
-                keys.update(added)  # taken back below if the transaction fails
-            self._look_up([d.run_id for d in batch.deltas if d.run_id not in keys])
-
-            db.executemany(
-                schema.INSERT_EVENT,
-                [
-                    (keys[r], seq, at, kind, body)
-                    for r, seq, at, kind, body in batch.events
-                ],
-            )
-            self._update_runs(db, batch.deltas)
-            if batch.cache_rows:
-                db.executemany(
-                    schema.UPSERT_CACHE,
-                    [
-                        (keys[r], token, result, a, s)
-                        for r, token, result, a, s in batch.cache_rows
-                    ],
-                )
-            db.execute("COMMIT")
-        except BaseException:
-            # The keys of runs inserted by a rolled back transaction may be
-            # given to other runs next: forgetting them is what keeps events
-            # from ever being written under another run's key.
-            for run_id in added:
-                del keys[run_id]
-            self._rollback(db)
-            raise
-
-        for run_id in batch.finished:
-            keys.pop(run_id, None)
-        if len(keys) > _KEYS_MAX:
-            for run_id in list(islice(keys, len(keys) // 2)):
-                del keys[run_id]
-
-    def _look_up(self, run_ids: list[str]) -> None:
-        """Learn the keys of runs submitted before; `_UnknownRuns` if any is not."""
-        if not run_ids:
-            return
-        assert self._db is not None
-        found = dict(
-            self._db.execute(schema.KEYS_OF, (orjson.dumps(run_ids).decode(),))
-        )
-        if len(found) < len(run_ids):
-            raise _UnknownRuns([r for r in run_ids if r not in found])
-        self.keys.update(found)  # valid whatever becomes of the transaction
-
-    def _update_runs(self, db: sqlite3.Connection, deltas: list[_RunDelta]) -> None:
-        """The `runs` rows of runs appended to, each only if its count is right."""
-        keys = self.keys
-        touches = [d.touch_row(keys[d.run_id]) for d in deltas if d.touches_only()]
-        updates = [d.update_row(keys[d.run_id]) for d in deltas if not d.touches_only()]
-        for statement, rows in (
-            (schema.TOUCH_RUN, touches),
-            (schema.UPDATE_RUN, updates),
-        ):
-            if rows:
-                changed = db.executemany(statement, rows).rowcount
-                if changed != len(rows):
-                    raise _NotContiguous(len(rows) - changed)
-
-    def _rollback(self, db: sqlite3.Connection) -> None:
-        # SQLite rolls back by itself after some errors (a full disk, mostly).
-        if not db.in_transaction:
-            return
-        try:
-            db.execute("ROLLBACK")
-        except sqlite3.Error:
-            logger.exception("rolling back a failed append on %s failed", self.path)
 
 
 class SQLiteJournal:
@@ -474,14 +135,14 @@ class SQLiteJournal:
     def __init__(
         self,
         path: Path,
-        writer: _Writer | None,
+        writer: Writer | None,
         reader: aiosqlite.Connection,
     ) -> None:
         self.path = path
         self.commits = 0
         self._writer = writer
         self._reader = reader
-        self._pending: list[_Append] = []
+        self._pending: list[Append] = []
         self._wakeup = asyncio.Event()
         self._write_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -513,7 +174,7 @@ class SQLiteJournal:
             await schema.inspect(path, migrate=not readonly)
         writer = None
         if not readonly:
-            writer = _Writer(path)
+            writer = Writer(path)
             try:
                 await writer.open(mode)
             except BaseException:
@@ -570,7 +231,7 @@ class SQLiteJournal:
             raise JournalError(f"journal {self.path} is {why}; nothing was written")
         if not events:
             return
-        call = _Append(events)
+        call = Append(events)
         future = call.future = asyncio.get_running_loop().create_future()
         self._pending.append(call)
         if self._write_task is None or self._write_task.done():
@@ -608,7 +269,7 @@ class SQLiteJournal:
                 self._pending.clear()
                 raise
 
-    def _take_batch(self) -> list[_Append]:
+    def _take_batch(self) -> list[Append]:
         """Every queued call, up to one that submits a run the batch already has.
 
         The `runs` row of a submitted run is inserted before any event of the
@@ -625,7 +286,7 @@ class SQLiteJournal:
         batch, self._pending = self._pending[:cut], self._pending[cut:]
         return batch
 
-    async def _commit(self, calls: list[_Append]) -> None:
+    async def _commit(self, calls: list[Append]) -> None:
         """Commit `calls` in one transaction, or as many of them as can be."""
         try:
             await self._transaction(calls)
@@ -649,10 +310,10 @@ class SQLiteJournal:
         for call in calls:
             _settle(call, None)
 
-    async def _transaction(self, calls: list[_Append]) -> None:
+    async def _transaction(self, calls: list[Append]) -> None:
         assert self._writer is not None
         started = time.perf_counter()
-        batch = _Batch(calls)
+        batch = Batch(calls)
         writer = self._writer
         await writer.call(lambda _: writer.write(batch))
         self.commits += 1
@@ -664,23 +325,23 @@ class SQLiteJournal:
             (time.perf_counter() - started) * 1000,
         )
 
-    async def _explain(self, exc: Exception, call: _Append) -> JournalError:
+    async def _explain(self, exc: Exception, call: Append) -> JournalError:
         """The error a failed call gets: what went wrong, and what to do."""
         what, text = call.describe(), str(exc)
-        if isinstance(exc, _UnknownRuns):
+        if isinstance(exc, UnknownRuns):
             missing = [r for r in exc.runs if r in call.deltas] or exc.runs
             return JournalError(
                 f"{what}: the journal has no RunSubmitted for run "
                 f"{', '.join(missing)}; a run's history starts with its "
-                f"submission; {_NOTHING}"
+                f"submission; {NOTHING}"
             )
         if isinstance(exc, sqlite3.IntegrityError):
             if "events.rk, events.seq" in text:
-                return JournalError(f"{what}: {await self._taken(call)}; {_NOTHING}")
+                return JournalError(f"{what}: {await self._taken(call)}; {NOTHING}")
             if "runs.run_id" in text:
                 return JournalError(
                     f"{what}: the run was submitted already; a run id is submitted "
-                    f"once (make a new id for a new run); {_NOTHING}"
+                    f"once (make a new id for a new run); {NOTHING}"
                 )
         code = exc.sqlite_errorcode & 0xFF if isinstance(exc, sqlite3.Error) else -1
         where, folder = f"journal {self.path}", self.path.absolute().parent
@@ -699,9 +360,9 @@ class SQLiteJournal:
             advice = f"{where} is damaged: stop writing to it and run `coda doctor`"
         else:
             advice = f"{type(exc).__name__} writing to {where}"
-        return JournalError(f"{what} failed ({text}); {advice}; {_NOTHING}")
+        return JournalError(f"{what} failed ({text}); {advice}; {NOTHING}")
 
-    async def _taken(self, call: _Append) -> str:
+    async def _taken(self, call: Append) -> str:
         """Which of a call's positions were already in the journal, in words."""
         wanted: dict[str, list[int]] = {}
         for run_id, seq, *_ in call.rows:
@@ -812,49 +473,9 @@ class SQLiteJournal:
         return problems
 
 
-class _NotContiguous(Exception):
-    """Appended events of a run do not start where its history ends."""
-
-    def __init__(self, runs: int) -> None:
-        super().__init__(
-            f"{runs} run(s) would get events that do not continue their history "
-            "(a gap or an overlap)"
-        )
-
-
-class _UnknownRuns(Exception):
-    """Appended events of runs the journal never saw submitted."""
-
-    def __init__(self, runs: list[str]) -> None:
-        super().__init__(f"no RunSubmitted for run(s) {', '.join(runs[:5])}")
-        self.runs = runs
-
-
-def _status_after(event: Event) -> str | None:
-    """`status_after(event).value`, remembered for the classes whose status is theirs.
-
-    The status an event leads to follows from its label in the transition
-    tables; for most classes that label is the class name, so the answer is
-    the same for every event of the class and is worked out once.
-    """
-    cls = type(event)
-    known = _STATUS_OF.get(cls, _UNKNOWN)
-    if known is not _UNKNOWN:
-        return known
-    status = status_after(event)
-    value = None if status is None else status.value
-    if event_label(event) == cls.__name__:
-        _STATUS_OF[cls] = value
-    return value
-
-
-_UNKNOWN = "?"
-_STATUS_OF: dict[type, str | None] = {}
-
-
 def _per_call(exc: Exception) -> bool:
     """Whether `exc` may belong to one call of a batch rather than to the file."""
-    if isinstance(exc, (_NotContiguous, _UnknownRuns)):
+    if isinstance(exc, (NotContiguous, UnknownRuns)):
         return True
     if not isinstance(exc, sqlite3.Error):
         return False
@@ -864,7 +485,7 @@ def _per_call(exc: Exception) -> bool:
     )
 
 
-def _settle(call: _Append, error: BaseException | None) -> None:
+def _settle(call: Append, error: BaseException | None) -> None:
     future = call.future
     if future is None or future.done():  # the caller gave up waiting
         return

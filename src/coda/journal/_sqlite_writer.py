@@ -1,0 +1,420 @@
+"""Appends prepared and written: the rows of each call, and the writer's thread.
+
+`coda.journal.sqlite` explains how appends are grouped, written and retried;
+this module holds the parts that do the work: `Append` turns one call's events
+into rows and the changes it makes to each run's `runs` row (`RunDelta`),
+`Batch` merges the calls of one transaction, and `Writer` owns the writer's
+connection and its thread and writes a batch in one transaction there, by the
+keys of the runs it knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from coda.errors import JournalError
+from coda.journal import _sqlite_schema as schema
+from coda.journal.codec import encode
+from coda.journal.events import (
+    AttemptFailed,
+    AttemptStarted,
+    Event,
+    RunCompleted,
+    RunFailed,
+    RunParked,
+    RunResumed,
+    RunRetried,
+    RunSubmitted,
+    StepEvent,
+    TaskCompleted,
+)
+from coda.state import RunStatus, cache_token, event_label, status_after
+from coda.values import dumps
+
+__all__ = ["NOTHING", "Append", "Batch", "NotContiguous", "UnknownRuns", "Writer"]
+
+logger = logging.getLogger(__name__)
+
+NOTHING = "nothing of this append was written"
+FINISHED = frozenset(s.value for s in RunStatus if s.finished)
+# Run keys the writer remembers at most (about 100 bytes each); see `Writer`.
+KEYS_MAX = 100_000
+_T = TypeVar("_T")
+
+
+class RunDelta:
+    """What one append, or a batch of them, changes in one run's `runs` row."""
+
+    __slots__ = (
+        "attempt",
+        "count",
+        "error",
+        "error_set",
+        "first_seq",
+        "result",
+        "result_set",
+        "run_id",
+        "status",
+        "submit",
+        "updated_at",
+    )
+
+    def __init__(self, run_id: str, first_seq: int) -> None:
+        self.run_id = run_id
+        self.submit: tuple[str, float] | None = None  # (workflow, submitted_at)
+        self.status: str | None = None  # None: unchanged
+        self.attempt: int | None = None
+        self.updated_at = 0.0
+        self.first_seq = first_seq  # position of the first event this delta appends
+        self.count = 0
+        self.result_set = False
+        self.result: str | None = None
+        self.error_set = False
+        self.error: str | None = None
+
+    def copy(self) -> RunDelta:
+        other = RunDelta(self.run_id, self.first_seq)
+        other.submit = self.submit
+        other.merge(self)
+        return other
+
+    def merge(self, later: RunDelta) -> None:
+        """Apply `later`, the delta of a later call, on top of this one."""
+        if later.first_seq != self.first_seq + self.count:
+            raise NotContiguous(1)
+        if later.status is not None:
+            self.status = later.status
+        if later.attempt is not None:
+            self.attempt = later.attempt
+        self.updated_at = later.updated_at
+        self.count += later.count
+        if later.result_set:
+            self.result_set, self.result = True, later.result
+        if later.error_set:
+            self.error_set, self.error = True, later.error
+
+    def insert_row(self) -> tuple[Any, ...]:
+        """The `runs` row of a run this delta submits."""
+        assert self.submit is not None
+        workflow, submitted_at = self.submit
+        return (
+            self.run_id,
+            workflow,
+            self.status or RunStatus.PENDING.value,
+            self.attempt or 0,
+            submitted_at,
+            self.updated_at,
+            self.count,
+            self.result,
+            self.error,
+        )
+
+    def touches_only(self) -> bool:
+        """Whether the delta changes only the count and time of the run."""
+        unchanged = self.status is None and self.attempt is None
+        return unchanged and not (self.result_set or self.error_set)
+
+    def touch_row(self, rk: int) -> tuple[Any, ...]:
+        return (self.updated_at, self.count, rk, self.first_seq)
+
+    def update_row(self, rk: int) -> tuple[Any, ...]:
+        return (
+            self.status,
+            self.attempt,
+            self.updated_at,
+            self.count,
+            self.result_set,
+            self.result,
+            self.error_set,
+            self.error,
+            rk,
+            self.first_seq,
+        )
+
+
+class Append:
+    """One call to `append`: its rows, ready to write, and the caller's future."""
+
+    __slots__ = ("cache_rows", "deltas", "future", "rows", "submits")
+
+    def __init__(self, events: Sequence[Event]) -> None:
+        self.rows: list[tuple[str, int, float, str, bytes]] = []
+        # Most calls have neither; the lists are made when needed (every
+        # object less is a little less work for the garbage collector).
+        self.cache_rows: list[tuple[str, str, str, int, int]] | tuple[()] = ()
+        self.submits: list[str] | tuple[()] = ()
+        self.deltas: dict[str, RunDelta] = {}
+        self.future: asyncio.Future[None] | None = None
+        for event in events:
+            self._add(event)
+
+    def _add(self, event: Event) -> None:
+        run_id, seq, kind = event.run_id, event.seq, type(event).__name__
+        if not isinstance(run_id, str) or not run_id or type(seq) is not int or seq < 0:
+            raise JournalError(
+                f"cannot append {kind} with run_id={run_id!r}, seq={seq!r}: a run "
+                f"id is a non-empty str and a position an int >= 0; {NOTHING}"
+            )
+        try:
+            body = encode(event)
+        except (TypeError, ValueError) as exc:
+            raise JournalError(
+                f"run {run_id}: event #{seq} {kind} cannot be encoded ({exc}); "
+                + NOTHING
+            ) from exc
+        self.rows.append((run_id, seq, event.at, kind, body))
+
+        delta = self.deltas.get(run_id)
+        if delta is None:
+            delta = self.deltas[run_id] = RunDelta(run_id, seq)
+        elif seq != delta.first_seq + delta.count:
+            expected = delta.first_seq + delta.count
+            what = "repeats a position of its own" if seq < expected else "leaves a gap"
+            raise JournalError(
+                f"run {run_id}: event #{seq} {kind} {what} (expected #{expected}); "
+                + NOTHING
+            )
+        delta.count += 1
+        delta.updated_at = event.at
+        status = _status_after(event)
+        if status is not None:
+            delta.status = status
+        if isinstance(event, StepEvent):
+            if isinstance(event, TaskCompleted) and event.cache_key is not None:
+                token, result = cache_token(event.cache_key), dumps(event.result)
+                row = (run_id, token, result.decode(), event.attempt, event.step)
+                if not self.cache_rows:
+                    self.cache_rows = [row]
+                else:
+                    self.cache_rows.append(row)
+        elif isinstance(event, RunSubmitted):
+            delta.submit = (event.workflow, event.at)
+            if not self.submits:
+                self.submits = [run_id]
+            else:
+                self.submits.append(run_id)
+        elif isinstance(event, AttemptStarted):
+            delta.attempt = event.attempt
+        elif isinstance(event, RunCompleted):
+            delta.result_set, delta.result = True, dumps(event.result).decode()
+            delta.error_set, delta.error = True, None
+        elif isinstance(event, (RunFailed, RunParked, AttemptFailed)):
+            delta.error_set, delta.error = True, schema.error_json(event.error)
+        elif isinstance(event, (RunRetried, RunResumed)):
+            delta.error_set, delta.error = True, None
+
+    def describe(self) -> str:
+        runs = sorted(self.deltas)
+        if len(runs) == 1:
+            where = f"run {runs[0]} (#{self.rows[0][1]}..#{self.rows[-1][1]})"
+        else:
+            where = f"runs {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}"
+        return f"append of {len(self.rows)} event(s) to {where}"
+
+
+class Batch:
+    """The calls of one transaction, merged: what each statement writes.
+
+    Made on the event loop; merging may raise `NotContiguous`. The rows of the
+    `runs` updates, the events and the cache need the runs' keys, which only
+    the writer's thread knows: it finishes them.
+    """
+
+    __slots__ = ("cache_rows", "deltas", "events", "finished", "inserts")
+
+    def __init__(self, calls: list[Append]) -> None:
+        self.events: list[tuple[str, int, float, str, bytes]] = []
+        self.cache_rows: list[tuple[str, str, str, int, int]] = []
+        merged: dict[str, RunDelta] = {}
+        copied: set[str] = set()
+        for call in calls:
+            self.events += call.rows
+            self.cache_rows += call.cache_rows
+            for run_id, delta in call.deltas.items():
+                into = merged.get(run_id)
+                if into is None:
+                    merged[run_id] = delta  # copied only if another call merges in
+                    continue
+                if run_id not in copied:
+                    into = merged[run_id] = into.copy()
+                    copied.add(run_id)
+                into.merge(delta)
+        self.inserts = [d.insert_row() for d in merged.values() if d.submit is not None]
+        self.deltas = [d for d in merged.values() if d.submit is None]
+        self.finished = [r for r, d in merged.items() if d.status in FINISHED]
+
+
+class Writer:
+    """The writer's connection, and the one thread that ever touches it.
+
+    See "The writer's thread" in `coda.journal.sqlite`. `keys` belongs to the
+    thread too: only `write` reads or changes it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: dict[str, int] = {}
+        self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="coda-journal-writer")
+
+    async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """`fn(connection)`, on the writer's thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, self._call, fn
+        )
+
+    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._db is None:
+            raise JournalError(f"journal {self.path} is closed for writing")
+        return fn(self._db)
+
+    async def open(self, synchronous: str) -> None:
+        def connect() -> None:
+            self._db = schema.open_writer(self.path, synchronous)
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, connect)
+
+    async def close(self) -> None:
+        """Close the connection (which checkpoints and removes the WAL)."""
+
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, close)
+        finally:
+            self._thread.shutdown(wait=False)
+
+    def write(self, batch: Batch) -> None:
+        """Commit `batch` in one transaction, or nothing of it. On the thread."""
+        db, keys = self._db, self.keys
+        if db is None:
+            raise JournalError(f"journal {self.path} is closed for writing")
+        added: dict[str, int] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # New runs first: everything else is written by the runs' keys.
+            if batch.inserts:
+                (last,) = db.execute(schema.LAST_KEY).fetchone()
+                db.executemany(schema.INSERT_RUN, batch.inserts)
+                added = dict(db.execute(schema.KEYS_AFTER, (last,)))
+                keys.update(added)  # taken back below if the transaction fails
+            self._look_up([d.run_id for d in batch.deltas if d.run_id not in keys])
+
+            db.executemany(
+                schema.INSERT_EVENT,
+                [
+                    (keys[r], seq, at, kind, body)
+                    for r, seq, at, kind, body in batch.events
+                ],
+            )
+            self._update_runs(db, batch.deltas)
+            if batch.cache_rows:
+                db.executemany(
+                    schema.UPSERT_CACHE,
+                    [
+                        (keys[r], token, result, a, s)
+                        for r, token, result, a, s in batch.cache_rows
+                    ],
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            # The keys of runs inserted by a rolled back transaction may be
+            # given to other runs next: forgetting them is what keeps events
+            # from ever being written under another run's key.
+            for run_id in added:
+                del keys[run_id]
+            self._rollback(db)
+            raise
+
+        for run_id in batch.finished:
+            keys.pop(run_id, None)
+        if len(keys) > KEYS_MAX:
+            for run_id in list(islice(keys, len(keys) // 2)):
+                del keys[run_id]
+
+    def _look_up(self, run_ids: list[str]) -> None:
+        """Learn the keys of runs submitted before; `UnknownRuns` if any is not."""
+        if not run_ids:
+            return
+        assert self._db is not None
+        found = dict(
+            self._db.execute(schema.KEYS_OF, (orjson.dumps(run_ids).decode(),))
+        )
+        if len(found) < len(run_ids):
+            raise UnknownRuns([r for r in run_ids if r not in found])
+        self.keys.update(found)  # valid whatever becomes of the transaction
+
+    def _update_runs(self, db: sqlite3.Connection, deltas: list[RunDelta]) -> None:
+        """The `runs` rows of runs appended to, each only if its count is right."""
+        keys = self.keys
+        touches = [d.touch_row(keys[d.run_id]) for d in deltas if d.touches_only()]
+        updates = [d.update_row(keys[d.run_id]) for d in deltas if not d.touches_only()]
+        for statement, rows in (
+            (schema.TOUCH_RUN, touches),
+            (schema.UPDATE_RUN, updates),
+        ):
+            if rows:
+                changed = db.executemany(statement, rows).rowcount
+                if changed != len(rows):
+                    raise NotContiguous(len(rows) - changed)
+
+    def _rollback(self, db: sqlite3.Connection) -> None:
+        # SQLite rolls back by itself after some errors (a full disk, mostly).
+        if not db.in_transaction:
+            return
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            logger.exception("rolling back a failed append on %s failed", self.path)
+
+
+class NotContiguous(Exception):
+    """Appended events of a run do not start where its history ends."""
+
+    def __init__(self, runs: int) -> None:
+        super().__init__(
+            f"{runs} run(s) would get events that do not continue their history "
+            "(a gap or an overlap)"
+        )
+
+
+class UnknownRuns(Exception):
+    """Appended events of runs the journal never saw submitted."""
+
+    def __init__(self, runs: list[str]) -> None:
+        super().__init__(f"no RunSubmitted for run(s) {', '.join(runs[:5])}")
+        self.runs = runs
+
+
+def _status_after(event: Event) -> str | None:
+    """`status_after(event).value`, remembered for the classes whose status is theirs.
+
+    The status an event leads to follows from its label in the transition
+    tables; for most classes that label is the class name, so the answer is
+    the same for every event of the class and is worked out once.
+    """
+    cls = type(event)
+    known = _STATUS_OF.get(cls, _UNKNOWN)
+    if known is not _UNKNOWN:
+        return known
+    status = status_after(event)
+    value = None if status is None else status.value
+    if event_label(event) == cls.__name__:
+        _STATUS_OF[cls] = value
+    return value
+
+
+_UNKNOWN = "?"
+_STATUS_OF: dict[type, str | None] = {}
