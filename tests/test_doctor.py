@@ -69,7 +69,8 @@ def test_a_projection_that_disagrees_with_the_fold_is_named(tmp_path: Path) -> N
     _damage(
         path,
         "UPDATE runs SET status = 'failed' WHERE run_id = 'run-2'",
-        "DELETE FROM task_cache WHERE rk = (SELECT rk FROM runs WHERE run_id = 'run-0')",
+        "DELETE FROM task_cache WHERE rk ="
+        " (SELECT rk FROM runs WHERE run_id = 'run-0')",
     )
     problems = asyncio.run(check_journal(path))
     assert any(
