@@ -160,6 +160,8 @@ class CodaProcess:
     ) -> None:
         self.workdir = workdir
         self.extra_args = extra_args
+        given = list(extra_args)
+        self.token = given[given.index("--token") + 1] if "--token" in given else None
         self.app = app
         self.workers = workers
         self.journal = workdir / "coda.db"
@@ -204,7 +206,9 @@ class CodaProcess:
     def wait_ready(self, timeout: float) -> None:
         async def try_connect() -> bool:
             try:
-                client = await Client.connect(self.socket, timeout=1.0)
+                client = await Client.connect(
+                    self.socket, timeout=1.0, token=self.token
+                )
             except Exception:
                 return False
             await client.close()
@@ -313,7 +317,7 @@ class CodaProcess:
     # Talking to it.
 
     def client(self) -> SyncClient:
-        return SyncClient(self.socket)
+        return SyncClient(self.socket, token=self.token)
 
     def cli(
         self, *args: str, timeout: float = 30.0

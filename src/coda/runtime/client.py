@@ -254,7 +254,13 @@ class SyncClient:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
-        self._client = self._loop.run_until_complete(Client.connect(*args, **kwargs))
+        try:
+            self._client = self._loop.run_until_complete(
+                Client.connect(*args, **kwargs)
+            )
+        except BaseException:
+            self._loop.close()
+            raise
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
