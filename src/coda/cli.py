@@ -40,6 +40,7 @@ from coda.errors import (
 )
 from coda.journal import codec
 from coda.journal.events import Event
+from coda.protocol import HandshakeRefused
 from coda.runtime.client import DEFAULT_JOURNAL, RequestError
 from coda.state import RunStatus
 
@@ -117,6 +118,8 @@ def _guard(call: Any) -> Any:
         _fail(str(exc), EXIT_RUN_FAILED)
     except RequestError as exc:
         _fail(str(exc), 2 if exc.code == "bad-request" else 1)
+    except HandshakeRefused as exc:
+        _fail(f"the supervisor refused this client: {exc}", 1)
     except ProtocolError as exc:
         # The supervisor went away mid-request: that is not a run failing.
         _fail(f"lost the supervisor: {exc}", EXIT_NO_SUPERVISOR)
