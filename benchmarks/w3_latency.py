@@ -1,8 +1,8 @@
 """W3: latency of one one-task workflow, submit to result, on an idle system.
 
 1,000 runs one after the other, each timed from the client's submit to the
-client holding its result (`Client.submit` then `Client.result`: two round
-trips on one open connection). A few runs first, untimed, to warm up.
+client holding its result (`Client.run`: submit and wait in one round trip
+on one open connection). A few runs first, untimed, to warm up.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ async def measure(system: str, quick: bool) -> Metrics:
             try:
                 for i in range(WARMUP + runs):
                     started = time.perf_counter()
-                    run_id = await client.submit("one_task", {})
-                    await client.result(run_id, timeout=30)
+                    await client.run("one_task", {}, timeout=30)
                     if i >= WARMUP:
                         samples.append(time.perf_counter() - started)
             finally:
