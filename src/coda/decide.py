@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import attrs
+
 from coda.errors import InternalError, Interrupted, WorkerLost
 from coda.journal.events import (
     AttemptFailed,
@@ -100,6 +102,15 @@ def new_run(
     return state, out
 
 
+# A command and the event recording it have the same fields, by name.
+_EVENT_OF: dict[type[Command], type[Event]] = {
+    ScheduleTask: TaskScheduled,
+    ReuseResult: TaskReused,
+    RecordSideEffect: SideEffectRecorded,
+    CompleteRun: RunCompleted,
+}
+
+
 def on_commands(
     state: RunState, commands: Iterable[Command], now: float
 ) -> list[Event]:
@@ -108,55 +119,11 @@ def on_commands(
     for command in commands:
         if state.status is not RunStatus.RUNNING or command.attempt != state.attempt:
             continue  # cancelled, parked or superseded while the code was running
-        if isinstance(command, ScheduleTask):
-            _emit(
-                state,
-                out,
-                TaskScheduled,
-                now,
-                attempt=command.attempt,
-                step=command.step,
-                task=command.task,
-                args=command.args,
-                cache_key=command.cache_key,
-                policy=command.policy,
-                timeout=command.timeout,
-            )
-        elif isinstance(command, ReuseResult):
-            _emit(
-                state,
-                out,
-                TaskReused,
-                now,
-                attempt=command.attempt,
-                step=command.step,
-                task=command.task,
-                cache_key=command.cache_key,
-                result=command.result,
-                from_attempt=command.from_attempt,
-            )
-        elif isinstance(command, RecordSideEffect):
-            _emit(
-                state,
-                out,
-                SideEffectRecorded,
-                now,
-                attempt=command.attempt,
-                step=command.step,
-                kind=command.kind,
-                value=command.value,
-            )
-        elif isinstance(command, CompleteRun):
-            _emit(
-                state,
-                out,
-                RunCompleted,
-                now,
-                attempt=command.attempt,
-                result=command.result,
-            )
-        elif isinstance(command, FailAttempt):
+        if isinstance(command, FailAttempt):
             _fail_attempt(state, out, command.error, now)
+        else:
+            fields = attrs.asdict(command, recurse=False)
+            _emit(state, out, _EVENT_OF[type(command)], now, **fields)
     return out
 
 

@@ -50,7 +50,7 @@ from coda.replay.engine import (
     SideEffectSource,
     WorkflowInstance,
 )
-from coda.state import RunState, RunStatus, StepState, StepStatus
+from coda.state import RunState, RunStatus, StepState, StepStatus, fold
 from coda.values import DEFAULT_MAX_VALUE_BYTES, check_value
 
 __all__ = ["LocalRunner", "new_run_id"]
@@ -159,8 +159,6 @@ class LocalRunner:
 
 
 def _fold(history: list[Event]) -> RunState:
-    from coda.state import fold
-
     state = fold(history)
     assert state is not None
     return state
