@@ -19,6 +19,7 @@ from coda.definitions import load_app
 from coda.errors import CodaError
 from coda.journal.sqlite import SQLiteJournal
 from coda.runtime.client import default_socket_path
+from coda.runtime.heap import settle_heap
 from coda.runtime.server import ClientServer
 from coda.runtime.supervisor import Supervisor
 
@@ -68,8 +69,10 @@ async def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         try:
+            settle_heap()  # the app and Coda imported
             await supervisor.start()
             await server.start()
+            settle_heap()  # and the unfinished runs recovered
             logger.warning(
                 "coda: supervisor pid %d serving %s on %s%s with %d workers "
                 "(%d unfinished runs recovered)",
