@@ -5,7 +5,8 @@ with one end of a socketpair inherited as file descriptor N. The worker talks
 to nothing else: it never opens the journal and decides nothing. It
 
 * runs each task try it is sent (`async def` tasks on its event loop, plain
-  `def` tasks in a thread pool) and answers with the outcome;
+  `def` tasks on threads of its own, see `_TryThreads`) and answers with the
+  outcome;
 * keeps a workflow instance per hosted run between activations, so that an
   activation costs only the new events; when it is sent a full history instead
   (the run's previous host died), it replays it from the start.
@@ -20,15 +21,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
+import collections
 import contextlib
 import faulthandler
 import functools
 import logging
 import os
+import queue
 import socket
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from coda.definitions import Registry, load_app
@@ -56,31 +60,32 @@ class Worker:
         self.registry = registry
         self.name = name
         self.instances: dict[str, WorkflowInstance] = {}
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix=f"coda-{name}"
-        )
+        self.threads = _TryThreads(threads, f"coda-{name}", self._thread_finished)
+        # Strong references to `async def` tries, which asyncio does not keep.
         self.running: set[asyncio.Task[None]] = set()
-        self.by_run: dict[str, set[asyncio.Task[None]]] = {}
+        # The unfinished tries of each run, to cancel when the run ends:
+        # asyncio tasks for `async def` tasks, `_ThreadTry` for plain `def` ones.
+        self.by_run: dict[str, set[asyncio.Task[None] | _ThreadTry]] = {}
 
     async def serve(self) -> None:
+        self.threads.loop = asyncio.get_running_loop()
         while True:
             msg = await self.conn.recv()
             if msg is None or msg["op"] == "stop":
                 return
             op = msg["op"]
             if op == "task":
-                task = asyncio.create_task(self._run_task(msg))
-                self.running.add(task)
-                task.add_done_callback(self.running.discard)
-                self.by_run.setdefault(msg["run"], set()).add(task)
-                task.add_done_callback(functools.partial(self._forget, msg["run"]))
+                self._start_try(msg)
             elif op == "cancel":
                 # The run ended (cancelled, or done without awaiting this task).
                 # TODO: a plain-def task keeps running in its thread: Python
                 # cannot stop a thread, so its side effects still happen and
                 # the thread stays busy until the function returns.
-                for task in self.by_run.pop(msg["run"], ()):
-                    task.cancel()
+                for running in self.by_run.pop(msg["run"], ()):
+                    if isinstance(running, _ThreadTry):
+                        self._cancel_thread_try(running)
+                    else:
+                        running.cancel()
             elif op == "activate":
                 self._activate(msg)
             elif op == "drop":
@@ -90,11 +95,11 @@ class Worker:
             else:
                 logger.warning("worker %s ignores unknown message %r", self.name, op)
 
-    def _forget(self, run_id: str, task: asyncio.Task[None]) -> None:
-        tasks = self.by_run.get(run_id)
-        if tasks is not None:
-            tasks.discard(task)
-            if not tasks:
+    def _forget(self, run_id: str, running: asyncio.Task[None] | _ThreadTry) -> None:
+        tries = self.by_run.get(run_id)
+        if tries is not None:
+            tries.discard(running)
+            if not tries:
                 del self.by_run[run_id]
 
     # Workflow code.
@@ -141,26 +146,54 @@ class Worker:
 
     # Tasks.
 
+    def _start_try(self, msg: dict[str, Any]) -> None:
+        definition = self.registry.tasks.get(msg["task"])
+        if definition is not None and not definition.is_async:
+            # Straight to a thread, in this turn of the loop: no asyncio task
+            # to wrap the try and no turn to wait for it to start.
+            faults.crash_point("worker.task_received")
+            job = _ThreadTry(msg, definition.fn)
+            self.by_run.setdefault(msg["run"], set()).add(job)
+            self.threads.submit(job)
+            return
+        # An `async def` task, or an unknown name (its failure is the outcome).
+        task = asyncio.create_task(self._run_task(msg))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        self.by_run.setdefault(msg["run"], set()).add(task)
+        task.add_done_callback(functools.partial(self._forget, msg["run"]))
+
     async def _run_task(self, msg: dict[str, Any]) -> None:
-        reply = {
-            "op": "outcome",
-            "run": msg["run"],
-            "attempt": msg["attempt"],
-            "step": msg["step"],
-            "try": msg["try"],
-        }
         faults.crash_point("worker.task_received")
-        ok, value = await self._call(msg["task"], msg["args"])
-        faults.crash_point("worker.task_returned")
-        if ok:
-            try:
-                check_value(value, f"result of task {msg['task']}")
-            except CodaError as exc:
-                ok, value = False, ErrorInfo.from_exception(exc)
-        if ok:
-            reply.update(ok=True, result=value)
+        name = msg["task"]
+        try:
+            definition = self.registry.task(name)
+            result = await definition.fn(**msg["args"])
+        except BaseException as exc:  # every failure of a task is its outcome
+            reply = _failure(msg, exc)
         else:
-            reply.update(ok=False, error=encode_error(value))
+            reply = _success(msg, result)
+        self._send_outcome(reply)
+
+    def _thread_finished(self, job: _ThreadTry, reply: dict[str, Any]) -> None:
+        """On the loop: a thread has run `job` and made its outcome `reply`."""
+        if job.cancelled:
+            return  # its run ended, and the try was answered as cancelled then
+        job.finished = True
+        self._forget(job.msg["run"], job)
+        self._send_outcome(reply)
+
+    def _cancel_thread_try(self, job: _ThreadTry) -> None:
+        # As for an `async def` try, whose coroutine gets the CancelledError:
+        # the try fails with it now. One that has not started never will; one
+        # that runs is left to finish, and what it returns is dropped.
+        if job.finished:
+            return
+        job.cancelled = True
+        self._send_outcome(_failure(job.msg, asyncio.CancelledError()))
+
+    def _send_outcome(self, reply: dict[str, Any]) -> None:
+        faults.crash_point("worker.task_returned")
         if self.conn.closed:
             # The worker is stopping and this try was cut short: nobody to tell,
             # and the supervisor records the try as interrupted.
@@ -168,24 +201,154 @@ class Worker:
         self.conn.send(reply)
         faults.crash_point("worker.outcome_sent")
 
-    async def _call(self, name: str, args: dict[str, Any]) -> tuple[bool, Any]:
+
+class _ThreadTry:
+    """A try of a plain `def` task, handed to a thread of `_TryThreads`."""
+
+    __slots__ = ("cancelled", "finished", "fn", "msg")
+
+    def __init__(self, msg: dict[str, Any], fn: Callable[..., Any]) -> None:
+        self.msg = msg
+        self.fn = fn
+        # Both are set on the loop only; a thread reads `cancelled` to skip a
+        # try whose run ended before it started.
+        self.cancelled = False
+        self.finished = False
+
+    def run(self) -> dict[str, Any]:
+        """Run the try (in a thread) and make its outcome message."""
+        msg = self.msg
         try:
-            definition = self.registry.task(name)
-            if definition.is_async:
-                result = await definition.fn(**args)
-            else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(
-                    self.executor, _call_sync, definition.fn, args
-                )
+            result = self.fn(**msg["args"])
         except BaseException as exc:  # every failure of a task is its outcome
-            text = "".join(traceback.format_exception(exc))
-            return False, ErrorInfo.from_exception(exc, text)
-        return True, result
+            return _failure(msg, exc)
+        return _success(msg, result)
 
 
-def _call_sync(fn: Any, args: dict[str, Any]) -> Any:
-    return fn(**args)
+class _TryThreads:
+    """Long-lived threads that run plain-def tries, one try a thread at a time.
+
+    `run_in_executor` costs more than a no-op task itself: a concurrent future,
+    an asyncio future chained to it, a callback to copy one into the other, and
+    a turn of the loop to resume the coroutine awaiting it. Here a thread takes
+    a `_ThreadTry` from a queue, runs it, makes its outcome message (the result
+    checked, the error described) and hands it to the loop; one call into the
+    loop delivers every outcome finished meanwhile.
+
+    Threads are started as tries need them, up to `size`: the supervisor sends a
+    worker no more tries than that, so a try waits in the queue only behind
+    threads still busy with tries that timed out or were cancelled.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        prefix: str,
+        finished: Callable[[_ThreadTry, dict[str, Any]], None],
+    ) -> None:
+        self.size = size
+        self.prefix = prefix
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._finished = finished
+        self._jobs: queue.SimpleQueue[_ThreadTry | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._started = 0
+        self._idle = 0  # threads waiting for a try, less tries queued for them
+        self._done: collections.deque[tuple[_ThreadTry, dict[str, Any]]] = (
+            collections.deque()
+        )
+        self._wakeup_pending = False
+
+    def submit(self, job: _ThreadTry) -> None:
+        self._jobs.put(job)
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                return
+            if self._started >= self.size:
+                return
+            self._started += 1
+            number = self._started
+        thread = threading.Thread(
+            target=self._serve, name=f"{self.prefix}_{number}", daemon=True
+        )
+        thread.start()
+
+    def shutdown(self) -> None:
+        """Drop the tries not started; threads stop once their try returns."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                job = self._jobs.get_nowait()
+                if job is not None:
+                    job.cancelled = True
+        for _ in range(self.size):
+            self._jobs.put(None)
+
+    def _serve(self) -> None:
+        jobs = self._jobs
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            if not job.cancelled:
+                self._post(job, job.run())
+            with self._lock:
+                self._idle += 1
+
+    def _post(self, job: _ThreadTry, reply: dict[str, Any]) -> None:
+        # The loop clears the flag before it takes outcomes, so an outcome
+        # added after the flag was seen set is taken by the wake-up pending.
+        self._done.append((job, reply))
+        if self._wakeup_pending:
+            return
+        self._wakeup_pending = True
+        assert self.loop is not None
+        # A closed loop: the worker is stopping, and there is nobody to tell.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        self._wakeup_pending = False
+        done = self._done
+        while done:
+            job, reply = done.popleft()
+            try:
+                self._finished(job, reply)
+            except Exception:
+                # One outcome that cannot be sent must not hold up the others.
+                logger.exception("outcome of task %s not sent", job.msg["task"])
+
+
+def _reply(msg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "op": "outcome",
+        "run": msg["run"],
+        "attempt": msg["attempt"],
+        "step": msg["step"],
+        "try": msg["try"],
+    }
+
+
+def _success(msg: dict[str, Any], result: Any) -> dict[str, Any]:
+    # None, True and False are JSON and far under any value limit; the check
+    # is for everything else.
+    if result is not None and result is not True and result is not False:
+        try:
+            check_value(result, f"result of task {msg['task']}")
+        except CodaError as exc:
+            reply = _reply(msg)
+            reply.update(ok=False, error=encode_error(ErrorInfo.from_exception(exc)))
+            return reply
+    reply = _reply(msg)
+    reply.update(ok=True, result=result)
+    return reply
+
+
+def _failure(msg: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    text = "".join(traceback.format_exception(exc))
+    reply = _reply(msg)
+    reply.update(ok=False, error=encode_error(ErrorInfo.from_exception(exc, text)))
+    return reply
 
 
 async def _main(fd: int, app: str, name: str, threads: int) -> None:
@@ -211,7 +374,7 @@ async def _main(fd: int, app: str, name: str, threads: int) -> None:
         await conn.close()
         # Threads running plain-def tasks cannot be interrupted; the supervisor
         # has recorded their tries as interrupted, so leave without them.
-        worker.executor.shutdown(wait=False, cancel_futures=True)
+        worker.threads.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

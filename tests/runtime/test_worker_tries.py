@@ -1,0 +1,228 @@
+"""How a worker runs tries: plain-def ones on its own threads, outcomes sent back.
+
+These drive `Worker` in-process with a connection that records what is sent,
+so that they can look at threads and at what a cancelled try does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+import coda
+from coda.definitions import Registry
+from coda.runtime.worker import Worker
+
+
+class RecordingConnection:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.closed = False
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sent.append(msg)
+
+
+registry = Registry()
+seen_threads: list[str] = []
+gate = threading.Event()
+
+
+@coda.task(registry=registry)
+def where() -> str:
+    seen_threads.append(threading.current_thread().name)
+    return threading.current_thread().name
+
+
+@coda.task(registry=registry)
+def wait_for_gate(mark: str) -> str:
+    seen_threads.append(mark)
+    gate.wait(10)
+    return mark
+
+
+@coda.task(registry=registry)
+def raises(kind: str) -> None:
+    raise {"exit": SystemExit(3), "interrupt": KeyboardInterrupt()}[kind]
+
+
+@coda.task(registry=registry)
+def returns(value: Any) -> Any:
+    if value == "set":
+        return {1, 2}
+    return value
+
+
+@coda.task(registry=registry)
+async def async_double(n: int) -> int:
+    await asyncio.sleep(0)
+    return n * 2
+
+
+def on_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+def _try(task: str, run: str = "r", step: int = 0, **args: Any) -> dict[str, Any]:
+    return {
+        "op": "task",
+        "run": run,
+        "attempt": 1,
+        "step": step,
+        "try": 1,
+        "task": task,
+        "args": args,
+    }
+
+
+async def _outcomes(conn: RecordingConnection, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    while len(conn.sent) < count:
+        assert time.monotonic() < deadline, f"only {conn.sent} sent"
+        await asyncio.sleep(0.005)
+    return conn.sent
+
+
+def _worker(threads: int = 4) -> tuple[Worker, RecordingConnection]:
+    conn = RecordingConnection()
+    worker = Worker(conn, registry, "t", threads)  # type: ignore[arg-type]
+    worker.threads.loop = asyncio.get_running_loop()
+    return worker, conn
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> Any:
+    seen_threads.clear()
+    gate.clear()
+    yield
+    gate.set()
+
+
+@on_loop
+async def test_plain_def_tries_run_on_long_lived_threads() -> None:
+    worker, conn = _worker()
+    for step in range(3):
+        worker._start_try(_try("where", step=step))
+        await _outcomes(conn, step + 1)
+    # One after the other, they find the same thread waiting: none is started
+    # per try, and none of them ran on the loop's thread.
+    assert len(set(seen_threads)) == 1
+    assert seen_threads[0] != threading.current_thread().name
+    assert [m["result"] for m in conn.sent] == seen_threads
+    assert [(m["op"], m["ok"], m["step"]) for m in conn.sent] == [
+        ("outcome", True, 0),
+        ("outcome", True, 1),
+        ("outcome", True, 2),
+    ]
+    assert not worker.by_run
+    worker.threads.shutdown()
+
+
+@on_loop
+async def test_a_thread_for_each_concurrent_try_up_to_the_limit() -> None:
+    worker, conn = _worker(threads=2)
+    for step in range(3):
+        worker._start_try(_try("wait_for_gate", step=step, mark=f"m{step}"))
+    time.sleep(0.2)
+    # Two threads, each busy: the third try waits for one of them.
+    assert sorted(seen_threads) == ["m0", "m1"]
+    gate.set()
+    sent = await _outcomes(conn, 3)
+    assert sorted(m["result"] for m in sent) == ["m0", "m1", "m2"]
+    worker.threads.shutdown()
+
+
+@on_loop
+async def test_cancel_fails_the_tries_and_drops_what_they_return() -> None:
+    worker, conn = _worker(threads=1)
+    worker._start_try(_try("wait_for_gate", step=0, mark="running"))
+    worker._start_try(_try("wait_for_gate", step=1, mark="queued"))
+    worker._start_try(_try("where", run="other", step=0))
+    time.sleep(0.1)
+    assert seen_threads == ["running"]
+
+    await _cancel(worker, "r")
+    errors = [(m["step"], m["ok"], m["error"]["type"]) for m in conn.sent]
+    cancelled = "asyncio.exceptions.CancelledError"
+    assert sorted(errors) == [(0, False, cancelled), (1, False, cancelled)]
+
+    gate.set()
+    sent = await _outcomes(conn, 3)
+    await asyncio.sleep(0.1)
+    # The running try finished, unheard; the queued one never started; the
+    # other run's try ran as usual.
+    assert seen_threads[0] == "running" and "queued" not in seen_threads
+    assert len(sent) == 3 and sent[2]["run"] == "other" and sent[2]["ok"]
+    assert not worker.by_run
+    worker.threads.shutdown()
+
+
+async def _cancel(worker: Worker, run: str) -> None:
+    class OneMessage:
+        def __init__(self) -> None:
+            self.messages: list[dict[str, Any] | None] = [{"op": "cancel", "run": run}]
+
+        async def recv(self) -> dict[str, Any] | None:
+            return self.messages.pop(0) if self.messages else None
+
+    recording = worker.conn
+    worker.conn = OneMessage()  # type: ignore[assignment]
+    worker.conn.send = recording.send  # type: ignore[attr-defined]
+    worker.conn.closed = False  # type: ignore[attr-defined]
+    await worker.serve()
+    worker.conn = recording
+
+
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+@on_loop
+async def test_system_exit_and_interrupt_are_the_tries_failure(kind: str) -> None:
+    worker, conn = _worker()
+    worker._start_try(_try("raises", kind=kind))
+    worker._start_try(_try("where", step=1))
+    sent = await _outcomes(conn, 2)
+    by_step = {m["step"]: m for m in sent}
+    expected = "SystemExit" if kind == "exit" else "KeyboardInterrupt"
+    assert not by_step[0]["ok"] and by_step[0]["error"]["type"] == expected
+    assert "raises" in by_step[0]["error"]["traceback"]
+    assert by_step[1]["ok"]
+    worker.threads.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [(None, True), (True, True), (False, True), ([1, "a"], True), ("set", False)],
+)
+@on_loop
+async def test_results_are_checked_as_json(value: Any, ok: bool) -> None:
+    worker, conn = _worker()
+    worker._start_try(_try("returns", value=value))
+    (sent,) = await _outcomes(conn, 1)
+    assert sent["ok"] is ok
+    if ok:
+        assert sent["result"] == value
+    else:
+        assert sent["error"]["type"] == "coda.errors.ValueNotJSON"
+        assert "result of task returns" in sent["error"]["message"]
+    worker.threads.shutdown()
+
+
+@on_loop
+async def test_async_and_unknown_tasks_still_run_on_the_loop() -> None:
+    worker, conn = _worker()
+    worker._start_try(_try("async_double", n=21))
+    worker._start_try(_try("missing", step=1))
+    sent = await _outcomes(conn, 2)
+    by_step = {m["step"]: m for m in sent}
+    assert by_step[0]["ok"] and by_step[0]["result"] == 42
+    assert by_step[1]["error"]["type"] == "coda.errors.UnknownNameError"
+    worker.threads.shutdown()
