@@ -34,6 +34,7 @@ from coda.replay.engine import (
     RecordSideEffect,
     ScheduleTask,
     WorkflowInstance,
+    current_instance,
 )
 
 TASKS = coda.Registry()
@@ -782,6 +783,33 @@ def test_values_over_the_size_limit_are_refused_with_the_limit_named() -> None:
     outcome, _ = run(big_result, max_value_bytes=100)
     assert isinstance(outcome, RunFailedError)
     assert outcome.error_type == "coda.errors.ValueTooLarge"
+
+
+def test_empty_values_are_checked_too_when_they_might_not_fit() -> None:
+    # No arguments and no result are the common case, and are not checked in
+    # full: an empty dict of a subclass, or a limit too small even for them,
+    # must still be refused.
+    @workflow("engine.ordered_args")
+    async def ordered_args() -> None:
+        # Straight to the engine: `coda.context.spawn_task` takes any empty
+        # args for none.
+        instance = current_instance()
+        await instance.spawn_task(echo, collections.OrderedDict(), None)
+
+    outcome, history = run(ordered_args)
+    assert isinstance(outcome, RunFailedError)
+    assert "args of task engine.echo: OrderedDict is not a JSON value" in str(outcome)
+    assert steps(history) == []
+
+    @workflow("engine.nothing")
+    async def nothing() -> None:
+        return None
+
+    outcome, _ = run(nothing, max_value_bytes=3)
+    assert isinstance(outcome, RunFailedError)
+    assert outcome.error_type == "coda.errors.ValueTooLarge"
+    result, _ = run(nothing, max_value_bytes=4)
+    assert result is None
 
 
 def test_non_json_results_fail_the_task_or_the_attempt() -> None:

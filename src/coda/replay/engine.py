@@ -309,8 +309,11 @@ class WorkflowInstance:
     def _start_attempt(self, attempt: int) -> None:
         self.attempt = attempt
         self.finished = False  # a retried run's history ends a run, then reopens it
-        self._loop.close()
-        self._loop = DeterministicLoop()  # type: ignore[abstract]
+        if self._main is not None:
+            # A new attempt gets a new loop: nothing the last one left queued or
+            # pending may run in it. A fresh instance's loop has run nothing.
+            self._loop.close()
+            self._loop = DeterministicLoop()  # type: ignore[abstract]
         self._futures = []
         self._task_names = {}
         self._ended = False
@@ -323,8 +326,9 @@ class WorkflowInstance:
         attempt = self.attempt
         try:
             result = await self.workflow.fn(**self.args)
-            where = f"result of workflow {self.workflow.name}"
-            check_value(result, where, self.max_value_bytes)
+            if not _trivially_json(result, self.max_value_bytes):
+                where = f"result of workflow {self.workflow.name}"
+                check_value(result, where, self.max_value_bytes)
         except GeneratorExit:
             raise  # the attempt was dropped; its coroutine is being closed
         except BaseException as exc:  # every failure of workflow code is recorded
@@ -402,7 +406,8 @@ class WorkflowInstance:
             )
         if not isinstance(args, dict):
             raise TypeError(f"args of task {task.name} must be a dict of keyword args")
-        check_value(args, f"args of task {task.name}", self.max_value_bytes)
+        if not _trivially_json(args, self.max_value_bytes):
+            check_value(args, f"args of task {task.name}", self.max_value_bytes)
         if cache_key is not None:
             if not isinstance(cache_key, list):
                 raise TypeError(f"cache_key of task {task.name} must be a list")
@@ -483,6 +488,20 @@ class WorkflowInstance:
         if self._divergence is not None:
             self._loop.close()
             raise self._divergence
+
+
+def _trivially_json(value: Any, limit: int) -> bool:
+    """Whether `value` is JSON of at most five bytes (`false`), under `limit`.
+
+    Most tasks take no arguments and most workflows return nothing, and each
+    spawn and each ending would otherwise pay for a full `check_value`. A
+    subclass of dict is not JSON, hence the exact type.
+    """
+    if limit < 5:
+        return False
+    if value is None or value is True or value is False:
+        return True
+    return type(value) is dict and not value
 
 
 def _ending_description(event: Event) -> str:
