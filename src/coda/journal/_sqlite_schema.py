@@ -86,7 +86,11 @@ INSERT_RUN = (
 )
 # The writer knows the key `rk` of each run it writes to (see `KEYS_AFTER` and
 # `KEYS_OF`), so that rows go in by key, without looking the text id up each.
-INSERT_EVENT = "INSERT INTO events (rk, seq, at, type, body) VALUES (?, ?, ?, ?, ?)"
+# The body comes as the JSON's text (see `Append`) and is stored as its bytes.
+INSERT_EVENT = (
+    "INSERT INTO events (rk, seq, at, type, body)"
+    " VALUES (?, ?, ?, ?, CAST(? AS BLOB))"
+)
 UPDATE_RUN = (
     "UPDATE runs SET status = coalesce(?1, status), attempt = coalesce(?2, attempt),"
     " updated_at = ?3, events = events + ?4,"

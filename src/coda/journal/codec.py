@@ -351,10 +351,13 @@ def encode_dict(event: Event) -> dict[str, Any]:
 
     The values inside (arguments, results) are the event's own, not copies.
     """
-    if type(event) not in _WRITERS:
+    # The writers are looked up here rather than through `converter`: every
+    # append encodes each of its events, and cattrs' dispatch cost more than
+    # a third of what the writer itself does.
+    write = _WRITERS.get(type(event))
+    if write is None:
         raise TypeError(f"{type(event).__qualname__} is not an event type of Coda")
-    body: dict[str, Any] = converter.unstructure(event)
-    return body
+    return write(event)
 
 
 def encode(event: Event) -> bytes:
