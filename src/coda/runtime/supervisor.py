@@ -208,6 +208,8 @@ class Supervisor:
             tuple[list[LiveRun], Callable[[], None] | None, asyncio.Future[bool]]
         ] = []
         self._flush_scheduled = False
+        # A flush put off for a new run's first commands (see `_write`).
+        self._linger: asyncio.TimerHandle | None = None
         self._last_batch: asyncio.Future[None] | None = None
         self._stopping = False
         self._watchdog: asyncio.Task[None] | None = None
@@ -275,6 +277,8 @@ class Supervisor:
         if self._watchdog is not None:
             self._watchdog.cancel()
         await self.pool.close()
+        if self._linger is not None:
+            self._flush()  # a submission lingering for its first commands
         while self._last_batch is not None and not self._last_batch.done():
             await asyncio.wait([self._last_batch])  # keep what was decided
         now = self.clock()
@@ -303,24 +307,45 @@ class Supervisor:
     # on those events (send a task, feed an instance, answer a client) runs
     # once they are durable, batch after batch in the order they were decided,
     # while the next batches are already being encoded and written.
+    #
+    # One exception to "once per turn": a submission whose workflow code was
+    # started early (see `submit`) lingers, for up to LINGER seconds, when
+    # nothing else is queued. The run's first commands come back from its
+    # host in a fraction of that, and the submission and the first steps then
+    # share one commit instead of taking two fsyncs one after the other;
+    # nothing is told or sent before either is durable, as always.
+
+    LINGER = 0.002
 
     def _write(
         self,
         events: list[Event],
         runs: Iterable[LiveRun],
         then: Callable[[], None] | None = None,
+        *,
+        linger: bool = False,
     ) -> asyncio.Future[bool]:
         """Queue events for the journal; the future says whether they are durable."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
         self._queue_events += events
         self._queue_jobs.append((list(runs), then, done))
-        if not self._flush_scheduled:
+        if linger and not self._flush_scheduled:
+            if self._linger is None:
+                self._linger = loop.call_later(self.LINGER, self._flush)
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self._linger is not None:
+                self._linger.cancel()
+                self._linger = None
+            loop.call_soon(self._flush)
         return done
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         events, self._queue_events = self._queue_events, []
         jobs, self._queue_jobs = self._queue_jobs, []
         batch = asyncio.ensure_future(self._write_batch(events, jobs, self._last_batch))
@@ -460,7 +485,9 @@ class Supervisor:
         if not task.cancelled() and task.exception() is not None:
             logger.error("supervisor step failed", exc_info=task.exception())
 
-    def _record(self, run: LiveRun, events: list[Event]) -> asyncio.Future[bool]:
+    def _record(
+        self, run: LiveRun, events: list[Event], *, linger: bool = False
+    ) -> asyncio.Future[bool]:
         """Queue one run's new events; act on them once durable."""
         if not events:
             done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -468,7 +495,9 @@ class Supervisor:
             return done
         run.history += events
         run.outbox += [e for e in events if _feeds(e)]
-        done = self._write(events, (run,), lambda: self._after_change(run, events))
+        done = self._write(
+            events, (run,), lambda: self._after_change(run, events), linger=linger
+        )
         # Steps scheduled here can start at once: their TaskStarted events join
         # the same append, and the tries go out only once both are durable.
         scheduled = [e for e in events if isinstance(e, TaskScheduled)]
@@ -997,10 +1026,12 @@ class Supervisor:
             )
             run = LiveRun(state, [])
             self.runs[run_id] = run
-            durable = self._record(run, events)
             # The workflow code may start while the submission is being
             # written: it acts on nothing itself, and whatever it asks for is
             # appended after the submission and acted on after that is durable.
+            # Its first commands usually come back before the submission has
+            # been written, so the submission lingers to share their commit.
+            durable = self._record(run, events, linger=True)
             self._activate(run, early=True)
             if not await durable:
                 self.runs.pop(run_id, None)
