@@ -527,7 +527,8 @@ class Supervisor:
         run.activating, run.host = False, None
         run.durable = len(history)
         if state.status.finished:
-            self._finish(run)
+            # Tries of steps whose start was not durable may still be out.
+            self._finish(run, every_try=True)
 
     # Reacting to a run's change: finish, activate, schedule, set timers.
 
@@ -604,7 +605,7 @@ class Supervisor:
         self._scan(run)
         self._pump()
 
-    def _finish(self, run: LiveRun) -> None:
+    def _finish(self, run: LiveRun, *, every_try: bool = False) -> None:
         state = run.state
         self.runs.pop(run.run_id, None)
         if run.timer is not None:
@@ -613,14 +614,20 @@ class Supervisor:
             run.host.hosted.discard(run.run_id)
             if run.host.alive:
                 run.host.conn.send({"op": "drop", "run": run.run_id})
-        # Tries still running for a run that ended are of no use any more.
-        for worker in self.pool.workers:
-            mine = [key for key in worker.tries if key[0] == run.run_id]
-            if mine:
-                for key in mine:
-                    del worker.tries[key]
-                if worker.alive:
-                    worker.conn.send({"op": "cancel", "run": run.run_id})
+        # Tries still running for a run that ended are of no use any more. A
+        # worker holds a try only while its step is started (unless the state
+        # was just reread from the journal: `every_try`), so most runs, whose
+        # steps all ended, need no look through every try in flight.
+        started = (s.status is StepStatus.STARTED for s in state.steps.values())
+        if every_try or any(started):
+            run_id = run.run_id
+            for worker in self.pool.workers:
+                mine = [key for key in worker.tries if key[0] == run_id]
+                if mine:
+                    for key in mine:
+                        del worker.tries[key]
+                    if worker.alive:
+                        worker.conn.send({"op": "cancel", "run": run_id})
         counter = state.status.value
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         self._notify(run)
