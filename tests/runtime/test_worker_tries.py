@@ -47,9 +47,21 @@ def wait_for_gate(mark: str) -> str:
     return mark
 
 
+FATAL = {
+    "exit": SystemExit(3),
+    "interrupt": KeyboardInterrupt(),
+    "cancelled": asyncio.CancelledError(),
+}
+
+
 @coda.task(registry=registry)
 def raises(kind: str) -> None:
-    raise {"exit": SystemExit(3), "interrupt": KeyboardInterrupt()}[kind]
+    raise FATAL[kind]
+
+
+@coda.task(registry=registry)
+async def async_raises(kind: str) -> None:
+    raise FATAL[kind]
 
 
 @coda.task(registry=registry)
@@ -183,17 +195,20 @@ async def _cancel(worker: Worker, run: str) -> None:
     worker.conn = recording
 
 
-@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+@pytest.mark.parametrize("task", ["raises", "async_raises"])
+@pytest.mark.parametrize("kind", sorted(FATAL))
 @on_loop
-async def test_system_exit_and_interrupt_are_the_tries_failure(kind: str) -> None:
+async def test_exit_interrupt_and_cancelled_are_the_tries_failure(
+    kind: str, task: str
+) -> None:
     worker, conn = _worker()
-    worker._start_try(_try("raises", kind=kind))
+    worker._start_try(_try(task, kind=kind))
     worker._start_try(_try("where", step=1))
     sent = await _outcomes(conn, 2)
     by_step = {m["step"]: m for m in sent}
-    expected = "SystemExit" if kind == "exit" else "KeyboardInterrupt"
-    assert not by_step[0]["ok"] and by_step[0]["error"]["type"] == expected
-    assert "raises" in by_step[0]["error"]["traceback"]
+    expected = type(FATAL[kind]).__qualname__
+    assert not by_step[0]["ok"] and by_step[0]["error"]["type"].endswith(expected)
+    assert f"{task}\n" in by_step[0]["error"]["traceback"]
     assert by_step[1]["ok"]
     worker.threads.shutdown()
 

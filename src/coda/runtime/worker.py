@@ -235,9 +235,9 @@ class _TryThreads:
     checked, the error described) and hands it to the loop; one call into the
     loop delivers every outcome finished meanwhile.
 
-    Threads are started as tries need them, up to `size`: the supervisor sends a
-    worker no more tries than that, so a try waits in the queue only behind
-    threads still busy with tries that timed out or were cancelled.
+    Threads are started as tries need them, up to `size`. `coda run` gives a
+    worker a thread for every try it may hold, so a try waits in the queue only
+    behind threads still busy with tries that timed out or were cancelled.
     """
 
     def __init__(
