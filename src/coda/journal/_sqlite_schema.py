@@ -88,8 +88,7 @@ INSERT_RUN = (
 # `KEYS_OF`), so that rows go in by key, without looking the text id up each.
 # The body comes as the JSON's text (see `Append`) and is stored as its bytes.
 INSERT_EVENT = (
-    "INSERT INTO events (rk, seq, at, type, body)"
-    " VALUES (?, ?, ?, ?, CAST(? AS BLOB))"
+    "INSERT INTO events (rk, seq, at, type, body) VALUES (?, ?, ?, ?, CAST(? AS BLOB))"
 )
 UPDATE_RUN = (
     "UPDATE runs SET status = coalesce(?1, status), attempt = coalesce(?2, attempt),"

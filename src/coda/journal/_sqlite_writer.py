@@ -239,9 +239,10 @@ class Append:
 class Batch:
     """The calls of one transaction, merged: what each statement writes.
 
-    Made on the event loop; merging may raise `NotContiguous`. The rows of the
-    `runs` updates, the events and the cache need the runs' keys, which only
-    the writer's thread knows: it finishes them.
+    Made on the writer's thread, as the transaction's first step: merging may
+    raise `NotContiguous`, which fails the transaction like any statement
+    would. The rows of the `runs` updates, the events and the cache need the
+    runs' keys, which only that thread knows: `Writer.write` finishes them.
     """
 
     __slots__ = ("cache_rows", "deltas", "events", "finished", "inserts")

@@ -39,30 +39,51 @@ Group commit
 ------------
 With `synchronous=FULL` every commit waits for the disk. `append` therefore
 only prepares its rows (the events are encoded there, once, on the caller's
-turn of the event loop) and queues them; one writer task takes every call
-queued at that moment, merges them into one batch and has it written in one
-transaction (one `executemany` per statement), then releases each caller.
-Calls that arrive while a transaction is being written wait for the next one,
-which is what makes batches large exactly when the load is high. Within a
-batch, the changes of all calls to one run are merged first, so its `runs` row
-is written once per transaction, not once per event. A caller is released only
-once its own events are durable, and within the file events keep the order of
-the calls.
+turn of the event loop) and queues them. The calls queued go to the writer in
+batches, one transaction per batch (one `executemany` per statement) and one
+transaction at a time; each caller is released once the transaction holding
+its call has committed. Calls that arrive while a transaction is being written
+wait for the next one, which is what makes batches large exactly when the load
+is high. Within a batch, the changes of all calls to one run are merged first,
+so its `runs` row is written once per transaction, not once per event. Within
+the file events keep the order of the calls, and a call is never split.
+
+A batch starts at one of two moments. With the writer idle, the first call of
+a turn of the event loop schedules a callback at the end of that turn, which
+starts a transaction with every call the turn queued: the many callers that
+one commit released come back on the same turn, and go together. When a
+transaction ends, the next starts at once, in the callback that brings the
+news from the writer's thread, with whatever queued meanwhile: those calls
+have waited long enough, and the supervisor's one large call per turn goes out
+as soon as the writer is free. Between a call and its transaction there is
+thus at most the rest of its turn; between a commit and its callers resuming,
+one turn. No task sits in between: each would cost a turn of its own.
+
+Starting a transaction from within `append` once enough events are queued,
+so that the rest of the turn's callers prepare their calls while SQLite
+writes, was tried and measured slower (500 callers in lock step: about 59,000
+events/s against 69,000, four interleaved pairs of runs). That overlap is not
+to be had under the GIL: the writer's thread needs it to start, to bind every
+row and to return from the commit, and the event loop's thread, while busy,
+hands it over only every `sys.getswitchinterval()` (5 ms); SQLite lets go of
+it in between for a few microseconds at a time, except while the disk syncs.
+The halved batches cost commits, and each transaction waited at both ends.
 
 The writer's thread
 -------------------
 The writer's connection is a plain `sqlite3` connection owned by a thread of
 its own (`Writer`), and a whole transaction is one function call on that
-thread: one hop from the event loop and one back. Through aiosqlite, which the
-rest of Coda uses, every statement is a hop of its own (a queue to its thread,
-then a wake-up of the event loop to resume), five or six per transaction, and
-aiosqlite has no public way to run a function on its thread. Reads keep
-aiosqlite. The thread also knows the key `rk` of every run it wrote to or
-looked up (`Writer.keys`), so that events, cache rows and `runs` updates go in
-by key; a run it does not know is looked up once, in the transaction. A
-finished run is forgotten (a reopened one is looked up again), and the table is
-halved past `KEYS_MAX` runs, so that it stays small however many runs pass
-through.
+thread: the batch is merged (`Batch`), its rows are keyed and written and
+committed there, handed over with `Writer.submit` and answered by one
+callback on the event loop. Through aiosqlite, which the rest of Coda uses,
+every statement is a hop of its own (a queue to its thread, then a wake-up of
+the event loop to resume), five or six per transaction, and aiosqlite has no
+public way to run a function on its thread. Reads keep aiosqlite. The thread
+also knows the key `rk` of every run it wrote to or looked up
+(`Writer.keys`), so that events, cache rows and `runs` updates go in by key; a
+run it does not know is looked up once, in the transaction. A finished run is
+forgotten (a reopened one is looked up again), and the table is halved past
+`KEYS_MAX` runs, so that it stays small however many runs pass through.
 
 Failures
 --------
@@ -73,6 +94,8 @@ a smaller transaction may still fit), its calls are split in halves and retried
 until the failing ones are alone: good calls commit, the bad call gets a
 `JournalError` that says what went wrong and what to do, and nothing of it is
 written. One bad call among n costs about 2 log2(n) transactions, not n.
+Calls queued meanwhile wait until the failed batch is settled, so that the
+order of the calls holds through failures too.
 Errors that belong to the file and not to a call (I/O error, lock held by
 another process, damaged or read-only file) fail the calls of the batch at
 once: retrying them would only hammer a failing disk or wait out the lock
@@ -95,6 +118,8 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +167,16 @@ class SQLiteJournal:
         self.commits = 0
         self._writer = writer
         self._reader = reader
-        self._pending: list[Append] = []
-        self._wakeup = asyncio.Event()
-        self._write_task: asyncio.Task[None] | None = None
+        self._pending: list[Append] = []  # calls queued, in order
+        self._flush_soon = False  # `_flush` is scheduled
+        # The calls being written, or being retried after a failure; None
+        # while the writer's thread is idle.
+        self._writing: list[Append] | None = None
+        self._written: Future[None] | None = None  # that transaction's outcome
+        self._started = 0.0
+        self._recovery: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()  # nothing being written
+        self._idle.set()
         self._closed = False
 
     @classmethod
@@ -207,9 +239,11 @@ class SQLiteJournal:
             return
         self._closed = True
         try:
-            if self._write_task is not None:
-                self._wakeup.set()
-                await self._write_task
+            while self._writing is not None or self._pending:
+                if self._writing is None:
+                    self._start()
+                else:
+                    await self._idle.wait()
         finally:
             await self._reader.close()
             # The writer closes last, so that it checkpoints and removes the WAL.
@@ -234,40 +268,98 @@ class SQLiteJournal:
         call = Append(events)
         future = call.future = asyncio.get_running_loop().create_future()
         self._pending.append(call)
-        if self._write_task is None or self._write_task.done():
-            self._write_task = asyncio.create_task(
-                self._write_loop(), name=f"coda journal writer {self.path}"
-            )
-        self._wakeup.set()
+        if self._writing is None and not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
         await future
 
-    async def _write_loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closed:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch = self._take_batch()
-            try:
-                await self._commit(batch)
-            except BaseException as exc:
-                # `_commit` settles every call itself; reaching here is a bug or
-                # the event loop shutting down. Never leave a caller hanging.
-                error = JournalError(
-                    f"appending to journal {self.path} failed unexpectedly "
-                    f"({exc!r}); whether it was written, the history tells"
-                )
-                for call in batch:
-                    _settle(call, error)
-                if isinstance(exc, Exception):
-                    logger.exception("journal writer for %s failed", self.path)
-                    continue
-                for call in self._pending:
-                    _settle(call, error)
+    def _flush(self) -> None:
+        """At the end of a turn of the event loop: write what the turn queued."""
+        self._flush_soon = False
+        if self._writing is None and self._pending:
+            self._start()
+
+    def _start(self) -> None:
+        """Hand the next batch to the writer's thread, which must be idle."""
+        calls = self._take_batch()
+        self._writing = calls
+        self._idle.clear()
+        writer, loop = self._writer, asyncio.get_running_loop()
+        assert writer is not None
+        self._started = time.perf_counter()
+        try:
+            written = writer.submit(lambda _: writer.write(Batch(calls)))
+        except BaseException as exc:
+            self._give_up(calls, exc)
+            self._next()
+            return
+        self._written = written
+
+        def done(written: Future[None]) -> None:  # on the writer's thread
+            with suppress(RuntimeError):  # the event loop is closed
+                loop.call_soon_threadsafe(self._finished, written)
+
+        written.add_done_callback(done)
+
+    def _finished(self, written: Future[None]) -> None:
+        """Release the callers of a transaction that ended; start the next one."""
+        calls, self._written = self._writing or [], None
+        exc = written.exception()
+        if exc is not None:
+            self._recovery = asyncio.get_running_loop().create_task(
+                self._recover(calls, exc), name=f"coda journal recovery {self.path}"
+            )
+            return
+        self.commits += 1
+        logger.debug(
+            "committed %d appends to %s in %.1f ms",
+            len(calls),
+            self.path,
+            (time.perf_counter() - self._started) * 1000,
+        )
+        for call in calls:
+            _settle(call, None)
+        self._writing = None
+        self._next()
+
+    def _next(self) -> None:
+        """With the writer's thread idle: start on what queued meanwhile."""
+        if self._pending:
+            self._start()
+        else:
+            self._idle.set()
+
+    async def _recover(self, calls: list[Append], exc: BaseException) -> None:
+        """Settle the calls of a failed transaction; commit those that can be."""
+        try:
+            if not isinstance(exc, Exception):
+                raise exc
+            await self._failed(calls, exc)
+        except BaseException as unexpected:
+            # `_failed` settles every call itself; reaching here is a bug or
+            # the event loop shutting down. Never leave a caller hanging.
+            self._give_up(calls, unexpected)
+            if not isinstance(unexpected, Exception):
+                self._give_up(self._pending, unexpected)
                 self._pending.clear()
                 raise
+            logger.exception("journal writer for %s failed", self.path)
+        finally:
+            self._recovery = None
+            if self._writing is calls:
+                self._writing = None
+        self._next()
+
+    def _give_up(self, calls: list[Append], exc: BaseException) -> None:
+        error = JournalError(
+            f"appending to journal {self.path} failed unexpectedly "
+            f"({exc!r}); whether it was written, the history tells"
+        )
+        for call in calls:
+            _settle(call, error)
+        if self._writing is calls:
+            self._writing = None
+            self._idle.set()
 
     def _take_batch(self) -> list[Append]:
         """Every queued call, up to one that submits a run the batch already has.
@@ -277,53 +369,48 @@ class SQLiteJournal:
         would make those events look valid. Cut there; the rest waits.
         """
         seen: set[str] = set()
-        cut = len(self._pending)
-        for index, call in enumerate(self._pending):
+        pending = self._pending
+        for index, call in enumerate(pending):
             if call.submits and not seen.isdisjoint(call.submits):
-                cut = index
-                break
+                batch, self._pending = pending[:index], pending[index:]
+                return batch
             seen.update(call.deltas)
-        batch, self._pending = self._pending[:cut], self._pending[cut:]
-        return batch
+        self._pending = []
+        return pending
 
     async def _commit(self, calls: list[Append]) -> None:
         """Commit `calls` in one transaction, or as many of them as can be."""
         try:
             await self._transaction(calls)
         except Exception as exc:
-            if len(calls) > 1 and _per_call(exc):
-                logger.debug(
-                    "transaction of %d appends to %s failed (%s); retrying halves",
-                    len(calls),
-                    self.path,
-                    exc,
-                )
-                middle = len(calls) // 2
-                await self._commit(calls[:middle])
-                await self._commit(calls[middle:])
-                return
-            for call in calls:
-                error = await self._explain(exc, call)
-                logger.warning("%s", error)
-                _settle(call, error)
+            await self._failed(calls, exc)
             return
         for call in calls:
             _settle(call, None)
 
+    async def _failed(self, calls: list[Append], exc: Exception) -> None:
+        """Retry the calls of a failed transaction in halves, or fail them."""
+        if len(calls) > 1 and _per_call(exc):
+            logger.debug(
+                "transaction of %d appends to %s failed (%s); retrying halves",
+                len(calls),
+                self.path,
+                exc,
+            )
+            middle = len(calls) // 2
+            await self._commit(calls[:middle])
+            await self._commit(calls[middle:])
+            return
+        for call in calls:
+            error = await self._explain(exc, call)
+            logger.warning("%s", error)
+            _settle(call, error)
+
     async def _transaction(self, calls: list[Append]) -> None:
-        assert self._writer is not None
-        started = time.perf_counter()
-        batch = Batch(calls)
         writer = self._writer
-        await writer.call(lambda _: writer.write(batch))
+        assert writer is not None
+        await writer.call(lambda _: writer.write(Batch(calls)))
         self.commits += 1
-        logger.debug(
-            "committed %d events of %d appends to %s in %.1f ms",
-            len(batch.events),
-            len(calls),
-            self.path,
-            (time.perf_counter() - started) * 1000,
-        )
 
     async def _explain(self, exc: Exception, call: Append) -> JournalError:
         """The error a failed call gets: what went wrong, and what to do."""
