@@ -42,6 +42,7 @@ from coda.journal.events import ErrorInfo
 from coda.protocol import Connection, HandshakeRefused, client_handshake
 from coda.replay.engine import WorkflowInstance
 from coda.runtime import faults
+from coda.runtime.heap import settle_heap
 from coda.runtime.wire import (
     WORKER_LINK_MAX_FRAME_BYTES,
     encode_command,
@@ -366,6 +367,7 @@ async def _main(fd: int, app: str, name: str, threads: int) -> None:
         # logs on its side): nobody to work for, nothing to add.
         return
     worker = Worker(conn, registry, name, threads)
+    settle_heap()  # the app imported and connected: what lives now stays
     try:
         await worker.serve()
     except (ProtocolError, ConnectionError):
