@@ -46,7 +46,7 @@ from typing import Any
 import attrs
 
 from coda import decide
-from coda.definitions import Registry
+from coda.definitions import Registry, WorkflowDef
 from coda.errors import (
     CodaError,
     Interrupted,
@@ -201,7 +201,7 @@ class Supervisor:
         # Steps whose last try died with others on one worker: they run alone.
         self._suspects: set[tuple[str, int, int]] = set()
         self._waiters: dict[str, list[asyncio.Future[RunSummary]]] = {}
-        self._submitting: dict[str, asyncio.Future[None]] = {}
+        self._submitting: dict[str, asyncio.Future[Any]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._queue_events: list[Event] = []
         self._queue_jobs: list[
@@ -1028,32 +1028,57 @@ class Supervisor:
             if known is not None:
                 _same_workflow(run_id, known.workflow, workflow)
                 return run_id, False
-            state, events = decide.new_run(
-                run_id, definition.name, args, definition.policy, self.clock()
+            self.settle_submission(
+                run_id, await self._new_run(definition, args, run_id)
             )
-            run = LiveRun(state, [])
-            self.runs[run_id] = run
-            # The workflow code may start while the submission is being
-            # written: it acts on nothing itself, and whatever it asks for is
-            # appended after the submission and acted on after that is durable.
-            # Its first commands usually come back before the submission has
-            # been written, so the submission lingers to share their commit.
-            durable = self._record(run, events, linger=True)
-            self._activate(run, early=True)
-            if not await durable:
-                self.runs.pop(run_id, None)
-                raise JournalError(
-                    f"run {run_id} could not be recorded, so it was not submitted; "
-                    "submit it again"
-                )
-            self.stats.submitted += 1
             return run_id, True
         finally:
             del self._submitting[run_id]
             done.set_result(None)
 
-    async def wait(self, run_id: str) -> RunSummary | None:
-        """Wait until the run is finished or parked; its summary then.
+    def submit_fresh(
+        self, workflow: str, args: dict[str, Any], run_id: str
+    ) -> asyncio.Future[bool]:
+        """`submit` of an id made up just now, which no run can have: no waiting.
+
+        The future says whether the submission is durable; pass that to
+        `settle_submission` before telling anyone.
+        """
+        definition = self.registry.workflow(workflow)
+        durable = self._new_run(definition, args, run_id)
+        self._submitting[run_id] = durable
+        durable.add_done_callback(lambda _: self._submitting.pop(run_id, None))
+        return durable
+
+    def _new_run(
+        self, definition: WorkflowDef[..., Any], args: dict[str, Any], run_id: str
+    ) -> asyncio.Future[bool]:
+        state, events = decide.new_run(
+            run_id, definition.name, args, definition.policy, self.clock()
+        )
+        run = LiveRun(state, [])
+        self.runs[run_id] = run
+        # The workflow code may start while the submission is being written:
+        # it acts on nothing itself, and whatever it asks for is appended after
+        # the submission and acted on after that is durable. Its first
+        # commands usually come back before the submission has been written,
+        # so the submission lingers to share their commit.
+        durable = self._record(run, events, linger=True)
+        self._activate(run, early=True)
+        return durable
+
+    def settle_submission(self, run_id: str, durable: bool) -> None:
+        """Count a durable submission; forget and refuse one that is not."""
+        if not durable:
+            self.runs.pop(run_id, None)
+            raise JournalError(
+                f"run {run_id} could not be recorded, so it was not submitted; "
+                "submit it again"
+            )
+        self.stats.submitted += 1
+
+    def waiter(self, run_id: str) -> asyncio.Future[RunSummary] | None:
+        """A future of the run's summary once it is finished or parked.
 
         None when the run is not live here (finished long ago, or unknown):
         the journal has its summary.
@@ -1061,11 +1086,21 @@ class Supervisor:
         run = self.runs.get(run_id)
         if run is None:
             return None
-        if run.state.status is RunStatus.PARKED and run.settled:
-            return summarize(run.state)
         waiter: asyncio.Future[RunSummary] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(run_id, []).append(waiter)
-        return await waiter
+        if run.state.status is RunStatus.PARKED and run.settled:
+            waiter.set_result(summarize(run.state))
+        else:
+            self._waiters.setdefault(run_id, []).append(waiter)
+        return waiter
+
+    async def wait(self, run_id: str) -> RunSummary | None:
+        """Wait until the run is finished or parked; its summary then.
+
+        None when the run is not live here (finished long ago, or unknown):
+        the journal has its summary.
+        """
+        waiter = self.waiter(run_id)
+        return None if waiter is None else await waiter
 
     async def cancel(self, run_id: str, reason: str) -> bool:
         run = self.runs.get(run_id)
