@@ -64,6 +64,16 @@ async def async_raises(kind: str) -> None:
     raise FATAL[kind]
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no words for it")
+
+
+@coda.task(registry=registry)
+def raises_unprintable() -> None:
+    raise Unprintable()
+
+
 @coda.task(registry=registry)
 def returns(value: Any) -> Any:
     if value == "set":
@@ -210,6 +220,17 @@ async def test_exit_interrupt_and_cancelled_are_the_tries_failure(
     assert not by_step[0]["ok"] and by_step[0]["error"]["type"].endswith(expected)
     assert f"{task}\n" in by_step[0]["error"]["traceback"]
     assert by_step[1]["ok"]
+    worker.threads.shutdown()
+
+
+@on_loop
+async def test_an_outcome_that_cannot_be_described_is_a_failure_too() -> None:
+    worker, conn = _worker(threads=1)
+    worker._start_try(_try("raises_unprintable"))
+    worker._start_try(_try("where", step=1))
+    first, second = await _outcomes(conn, 2)
+    assert not first["ok"] and first["error"]["message"] == "no words for it"
+    assert second["ok"]  # on the same, only, thread
     worker.threads.shutdown()
 
 

@@ -292,7 +292,14 @@ class _TryThreads:
             if job is None:
                 return
             if not job.cancelled:
-                self._post(job, job.run())
+                try:
+                    reply = job.run()
+                except Exception as exc:
+                    # Describing the outcome failed (an exception whose str()
+                    # raises, say): that is the try's failure, and the thread
+                    # must live on to run the next one.
+                    reply = _failure(job.msg, exc)
+                self._post(job, reply)
             with self._lock:
                 self._idle += 1
 
