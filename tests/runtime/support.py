@@ -25,14 +25,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from coda.errors import JournalError
 from coda.journal.events import Event
-from coda.journal.sqlite import read_history_sync, read_runs_sync
+from coda.journal.sqlite import SQLiteJournal, read_history_sync, read_runs_sync
 from coda.runtime.client import Client, SyncClient, default_socket_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -378,3 +379,14 @@ def running_supervisor(
     assert not problems
     # Whatever a test did to them, the processes never fail unexpectedly.
     assert "Traceback" not in supervisor.log_text()
+
+
+class FillingJournal(SQLiteJournal):
+    """A journal that refuses every append while `full` is set, as a full disk."""
+
+    full = False
+
+    async def append(self, events: Sequence[Event]) -> None:
+        if self.full:
+            raise JournalError("database or disk is full (simulated)")
+        await super().append(events)

@@ -10,25 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from coda.definitions import Registry, load_app
 from coda.errors import JournalError
-from coda.journal.events import Event
-from coda.journal.sqlite import SQLiteJournal
 from coda.runtime.supervisor import Supervisor
 
-from .support import APP, APPS, base_env
-
-
-class FillingJournal(SQLiteJournal):
-    full = False
-
-    async def append(self, events: Sequence[Event]) -> None:
-        if self.full:
-            raise JournalError("database or disk is full (simulated)")
-        await super().append(events)
+from .support import APP, APPS, FillingJournal, base_env
 
 
 async def _scenario(path: Path) -> None:

@@ -11,29 +11,17 @@ finished before its waiter asked, and `run` (submit and wait in one request).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from coda.definitions import load_app
-from coda.errors import JournalError, UnknownNameError
-from coda.journal.events import Event
-from coda.journal.sqlite import SQLiteJournal
+from coda.errors import UnknownNameError
 from coda.runtime.client import Client, RequestError
 from coda.runtime.server import ClientServer
 from coda.runtime.supervisor import Supervisor
 
-from .support import APP, APPS, base_env
-
-
-class FillingJournal(SQLiteJournal):
-    full = False
-
-    async def append(self, events: Sequence[Event]) -> None:
-        if self.full:
-            raise JournalError("database or disk is full (simulated)")
-        await super().append(events)
+from .support import APP, APPS, FillingJournal, base_env
 
 
 @pytest.fixture(autouse=True)
