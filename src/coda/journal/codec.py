@@ -377,13 +377,15 @@ def decode_dict(obj: dict[str, Any]) -> Event:
             f"event format v{version} is newer than this Coda understands "
             f"(v{FORMAT_VERSION}); upgrade Coda to read it"
         )
-    cls = EVENT_TYPES.get(kind)
-    if cls is None:
+    # The reader is looked up here rather than through `converter`, as in
+    # `encode_dict`: replaying a long history decodes every event of it.
+    read = _READERS.get(kind)
+    if read is None:
         raise JournalVersionError(
             f"unknown event type {kind!r}: written by a newer Coda? upgrade to read it"
         )
     try:
-        event: Event = converter.structure(obj, cls)
+        event: Event = read(obj)
     except _Malformed as exc:
         raise JournalError(f"malformed {kind} event {_preview(obj)}: {exc}") from None
     return event
