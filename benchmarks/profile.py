@@ -34,6 +34,8 @@ __all__ = ["main", "summarize"]
 # of them as active (a thread blocked on a queue's lock, in waitpid, in epoll).
 IDLE_LEAVES = (
     "_worker (concurrent/futures/thread.py:81)",
+    # A worker's try threads waiting for a try.
+    "_TryThreads._serve (coda/runtime/worker.py",
     "_connection_worker_thread (aiosqlite/core.py:59)",
     "EpollSelector.select (selectors.py",
     "ThreadedChildWatcher._do_waitpid",
