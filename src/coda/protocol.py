@@ -438,6 +438,11 @@ class Connection:
         # After the peer has gone the transport drops writes; `drain` reports it.
         self.writer.write(data)
 
+    def backlog(self) -> int:
+        """Bytes queued for the peer and not yet taken by the kernel."""
+        queued = sum(len(frames) for frames in self._outgoing)
+        return queued + self.writer.transport.get_write_buffer_size()
+
     async def drain(self) -> None:
         """Write what is queued and wait until the transport has room again.
 

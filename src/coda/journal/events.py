@@ -63,14 +63,40 @@ class ErrorInfo:
     traceback: str = ""
     types: tuple[str, ...] = ()
 
+    # An exception's text is the task's to choose, and it is stored in the
+    # journal, sent to clients and printed: a message of 20 MB (a whole file in
+    # a ValueError, say) would be written several times over and stall every
+    # request about its run. Past these bounds the middle is cut out, keeping
+    # the start of a message and both ends of a traceback (where it began, and
+    # the frames and exception line at its end).
+    MAX_MESSAGE_CHARS = 64 * 1024
+    MAX_TRACEBACK_CHARS = 256 * 1024
+
     @classmethod
     def from_exception(cls, exc: BaseException, traceback: str = "") -> ErrorInfo:
         types = tuple(_qualname(k) for k in type(exc).__mro__ if k is not object)
-        return cls(type=types[0], message=str(exc), traceback=traceback, types=types)
+        return cls(
+            type=types[0],
+            message=_bounded(str(exc), cls.MAX_MESSAGE_CHARS, keep_end=False),
+            traceback=_bounded(traceback, cls.MAX_TRACEBACK_CHARS, keep_end=True),
+            types=types,
+        )
 
     def is_a(self, qualified_names: tuple[str, ...]) -> bool:
         own = self.types or (self.type,)
         return any(name in own for name in qualified_names)
+
+
+def _bounded(text: str, limit: int, *, keep_end: bool) -> str:
+    """`text`, or its start (and end) with a note of what was cut, in `limit`."""
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    note = f"\n[... {cut:,} characters cut: the text was {len(text):,} long ...]\n"
+    if not keep_end:
+        return text[:limit] + note
+    half = limit // 2
+    return text[:half] + note + text[-half:]
 
 
 def _qualname(cls: type) -> str:

@@ -29,6 +29,7 @@ from coda.errors import (
     RunNotFound,
     RunParkedError,
     UnknownNameError,
+    ValueNotJSON,
 )
 from coda.journal import codec
 from coda.journal.events import Event
@@ -156,12 +157,8 @@ class Client:
     ) -> str:
         """Start a run; with a `run_id` already used, return that run instead."""
         name = workflow.name if isinstance(workflow, WorkflowDef) else workflow
-        # Refused here, with the path named: on the wire a NaN would become
-        # null and a tuple a list without anyone noticing.
-        check_value(args or {}, f"args of workflow {name}")
-        reply = await self.request(
-            "submit", workflow=name, args=args or {}, run_id=run_id
-        )
+        args = _args_object(args, name)
+        reply = await self.request("submit", workflow=name, args=args, run_id=run_id)
         return str(reply["run_id"])
 
     async def run(
@@ -177,10 +174,10 @@ class Client:
         Raises like `result`: `RunFailedError`, `RunCancelled`, `RunParkedError`.
         """
         name = workflow.name if isinstance(workflow, WorkflowDef) else workflow
-        check_value(args or {}, f"args of workflow {name}")
+        args = _args_object(args, name)
         async with asyncio.timeout(timeout):
             summary = await self.request(
-                "submit", workflow=name, args=args or {}, run_id=run_id, wait=True
+                "submit", workflow=name, args=args, run_id=run_id, wait=True
             )
         return result_of(summary)
 
@@ -279,3 +276,18 @@ class SyncClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _args_object(args: Any, workflow: str) -> dict[str, Any]:
+    """A submission's arguments, checked here with their path named: on the wire
+    a NaN would become null and a tuple a list without anyone noticing."""
+    if args is None:
+        return {}
+    where = f"args of workflow {workflow}"
+    if not isinstance(args, dict):
+        raise ValueNotJSON(
+            f"{where}: a workflow's arguments are a dict of its parameters, "
+            f"not a {type(args).__name__}"
+        )
+    check_value(args, where)
+    return args

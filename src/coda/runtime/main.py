@@ -88,9 +88,15 @@ async def serve(
             await stop.wait()
             logger.warning("coda: stopping")
         finally:
-            await server.close()
-            await supervisor.stop()
-            await journal.close()
+            # Each step even if one before it failed: an unclosed journal keeps
+            # its threads, and the process would never exit.
+            try:
+                await server.close()
+            finally:
+                try:
+                    await supervisor.stop()
+                finally:
+                    await journal.close()
 
 
 @contextlib.contextmanager

@@ -43,18 +43,25 @@ from coda.errors import (
     RunIdConflict,
     RunNotFound,
     UnknownNameError,
+    ValueNotJSON,
+    ValueTooLarge,
 )
 from coda.journal import codec
 from coda.journal.base import RunSummary
-from coda.protocol import Connection, server_handshake
+from coda.protocol import Connection, ConnectionClosed, server_handshake
 from coda.runtime import faults
 from coda.runtime.supervisor import Supervisor
 from coda.runtime.wire import encode_error
-from coda.values import check_size
+from coda.values import check_json, check_size
 
 __all__ = ["ClientServer", "summary_dict"]
 
 logger = logging.getLogger(__name__)
+
+# Replies a client may leave unread before its next request waits: requests
+# for large results, sent and never read, would otherwise pile their replies
+# up in the supervisor's memory.
+_REPLY_BACKLOG_BYTES = 16 * 1024 * 1024
 
 # sockaddr_un holds 108 bytes on Linux, the terminating NUL included.
 _MAX_UNIX_PATH = 107
@@ -181,6 +188,10 @@ class ClientServer:
         try:
             await server_handshake(conn, token=self.token, roles=("client",))
             while True:
+                if conn.backlog() > _REPLY_BACKLOG_BYTES:
+                    # A client that asks and does not read: read its next
+                    # request once it has taken its replies.
+                    await conn.drain()
                 msg = await conn.recv()
                 if msg is None:
                     break
@@ -195,7 +206,7 @@ class ClientServer:
                 request = asyncio.create_task(self._answer(conn, msg))
                 pending.add(request)
                 request.add_done_callback(pending.discard)
-        except ProtocolError as exc:
+        except (ProtocolError, ConnectionClosed) as exc:
             logger.info("client connection closed: %s", exc)
         except asyncio.CancelledError:
             pass
@@ -305,14 +316,18 @@ class ClientServer:
         chosen = msg.get("run_id")
         if chosen == "":
             raise BadRequest("bad-request", "an empty run id: give one, or none")
-        run_id = chosen or self._new_ids.next()
+        # Only a missing id (or null) asks for a new one: an id of 0 or false
+        # is a mistake, not "none", and a client retrying with it must not get
+        # a new run each time.
+        run_id = self._new_ids.next() if chosen is None else chosen
         if not isinstance(run_id, str) or not RUN_ID.match(run_id):
             raise BadRequest(
                 "bad-request",
-                f"run id {run_id!r} is not valid: 1-128 letters, digits and _.:@-",
+                f"run id {run_id!r} is not valid: a string of 1-128 letters, "
+                "digits and _.:@-",
             )
         run_id, created = await self.supervisor.submit(
-            workflow, args, run_id, fresh=not chosen
+            workflow, args, run_id, fresh=chosen is None
         )
         if msg.get("wait"):
             # Submit and wait in one round trip: what `Client.run` asks for.
@@ -401,12 +416,20 @@ def _submission(msg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     workflow = msg.get("workflow")
     if not isinstance(workflow, str):
         raise BadRequest("bad-request", "submit needs a string 'workflow'")
-    args = msg.get("args") or {}
-    if not isinstance(args, dict):
-        raise BadRequest("bad-request", "submit's 'args' must be a JSON object")
-    # A frame's payload was parsed as JSON, so `args` is a JSON value; only its
-    # size is left to check.
-    check_size(orjson.dumps(args), f"args of workflow {workflow}")
+    args = msg.get("args")
+    if args is None:
+        args = {}
+    elif not isinstance(args, dict):
+        raise BadRequest(
+            "bad-request",
+            f"submit's 'args' must be a JSON object, not {type(args).__name__}",
+        )
+    # A frame's payload was parsed as JSON, so `args` holds only JSON types;
+    # what the journal cannot store (too deep, integers past 64 bits) and the
+    # size limit are left to check.
+    where = f"args of workflow {workflow}"
+    check_json(args, where)
+    check_size(orjson.dumps(args), where)
     return workflow, args
 
 
@@ -436,11 +459,21 @@ def _id_of(msg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reply(conn: Connection, msg: dict[str, Any], reply: dict[str, Any]) -> None:
-    """Send the reply to `msg` (with its id), unless the client has gone."""
+    """Send the reply to `msg` (with its id), unless the client has gone.
+
+    A reply too large for the client's frame limit (a run's result near the
+    value limit, in a summary with its error) becomes an error reply saying so:
+    the client must hear something, and the connection stays usable.
+    """
     faults.crash_point("supervisor.before_ack")
     reply.update(_id_of(msg))
     if not conn.closed:
-        conn.send(reply)
+        try:
+            conn.send(reply)
+        except (ValueTooLarge, ValueNotJSON) as exc:
+            logger.warning("reply to %r not sent: %s", msg.get("op"), exc)
+            error = {"op": "error", "code": "failed", "message": f"the reply {exc}"}
+            conn.send({**error, **_id_of(msg)})
     faults.crash_point("supervisor.after_ack")
 
 

@@ -53,6 +53,7 @@ from coda.errors import (
     JournalError,
     ProtocolError,
     RunIdConflict,
+    RunNotFound,
     TaskTimeout,
     ValueTooLarge,
 )
@@ -212,6 +213,8 @@ class Supervisor:
         self._linger: asyncio.TimerHandle | None = None
         self._last_batch: asyncio.Future[None] | None = None
         self._stopping = False
+        # The last append the journal refused, for those who ask why.
+        self.journal_error: JournalError | None = None
         self._watchdog: asyncio.Task[None] | None = None
 
     # Start-up and shutdown.
@@ -290,7 +293,16 @@ class Supervisor:
             run.history += events
             batch += events
         if batch:
-            await self._commit(batch)
+            try:
+                await self._commit(batch)
+            except JournalError as exc:
+                # Nothing is lost: the next start records every try that the
+                # journal has started and not ended as interrupted.
+                logger.error(
+                    "could not record the tries running at shutdown as "
+                    "interrupted (%s); the next start will",
+                    exc,
+                )
         for task in list(self._background):
             task.cancel()
         for waiters in self._waiters.values():
@@ -382,6 +394,7 @@ class Supervisor:
                 len(events),
                 error,
             )
+            self.journal_error = error
             self._recover_from(jobs)
             return
         for _, then, done in jobs:
@@ -521,7 +534,7 @@ class Supervisor:
             # A submission the journal refused: nothing of the run is durable,
             # and `submit` told its client so.
             if self.runs.get(run.run_id) is run:
-                del self.runs[run.run_id]
+                self._forget_unrecorded(run.run_id)
             return
         run.state, run.history, run.outbox = state, history, []
         run.activating, run.host = False, None
@@ -1070,12 +1083,29 @@ class Supervisor:
     def settle_submission(self, run_id: str, durable: bool) -> None:
         """Count a durable submission; forget and refuse one that is not."""
         if not durable:
-            self.runs.pop(run_id, None)
+            self._forget_unrecorded(run_id)
+            why = f" ({self.journal_error})" if self.journal_error else ""
             raise JournalError(
                 f"run {run_id} could not be recorded, so it was not submitted; "
-                "submit it again"
+                f"submit it again{why}"
             )
         self.stats.submitted += 1
+
+    def _forget_unrecorded(self, run_id: str) -> None:
+        """Drop a run whose submission never became durable, and its waiters.
+
+        Someone may have asked to wait for it while it was being written; the
+        run does not exist, and they hear so rather than waiting for ever.
+        """
+        self.runs.pop(run_id, None)
+        for waiter in self._waiters.pop(run_id, ()):
+            if not waiter.done():
+                waiter.set_exception(
+                    RunNotFound(
+                        f"run {run_id} does not exist: its submission could not "
+                        "be recorded"
+                    )
+                )
 
     def waiter(self, run_id: str) -> asyncio.Future[RunSummary] | None:
         """A future of the run's summary once it is finished or parked.
