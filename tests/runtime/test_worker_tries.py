@@ -115,9 +115,9 @@ async def _outcomes(conn: RecordingConnection, count: int) -> list[dict[str, Any
     return conn.sent
 
 
-def _worker(threads: int = 4) -> tuple[Worker, RecordingConnection]:
+def _worker(threads: int = 4, name: str = "t") -> tuple[Worker, RecordingConnection]:
     conn = RecordingConnection()
-    worker = Worker(conn, registry, "t", threads)  # type: ignore[arg-type]
+    worker = Worker(conn, registry, name, threads)  # type: ignore[arg-type]
     worker.threads.loop = asyncio.get_running_loop()
     return worker, conn
 
@@ -261,4 +261,63 @@ async def test_async_and_unknown_tasks_still_run_on_the_loop() -> None:
     by_step = {m["step"]: m for m in sent}
     assert by_step[0]["ok"] and by_step[0]["result"] == 42
     assert by_step[1]["error"]["type"] == "coda.errors.UnknownNameError"
+    worker.threads.shutdown()
+
+
+def _try_threads(worker: Worker) -> list[threading.Thread]:
+    # Each test that counts threads names its worker apart from the others.
+    prefix = f"{worker.threads.prefix}_"
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]
+
+
+@on_loop
+async def test_a_try_never_waits_for_a_thread_kept_busy_by_a_cancelled_one() -> None:
+    worker, conn = _worker(threads=1, name="replaced")
+    worker._start_try(_try("wait_for_gate", run="ended", mark="abandoned"))
+    await asyncio.sleep(0.1)
+    assert seen_threads == ["abandoned"]
+    await _cancel(worker, "ended")
+    assert [(m["run"], m["ok"]) for m in conn.sent] == [("ended", False)]
+
+    # The only slot is free again, though the function still runs in its
+    # thread: the next try gets a thread of its own at once, and keeps it.
+    started = time.monotonic()
+    for step in range(3):
+        worker._start_try(_try("where", run="next", step=step))
+        await _outcomes(conn, 2 + step)
+    assert time.monotonic() - started < 2.0
+    assert not gate.is_set()
+    assert [(m["run"], m["ok"]) for m in conn.sent[1:]] == [("next", True)] * 3
+    assert len(set(seen_threads[1:])) == 1
+    assert len(_try_threads(worker)) == 2
+
+    # The abandoned function returns: its outcome is dropped, and its thread
+    # ends, the one slot being held by the other.
+    gate.set()
+    deadline = time.monotonic() + 5
+    while len(_try_threads(worker)) > 1:
+        assert time.monotonic() < deadline, _try_threads(worker)
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert len(conn.sent) == 4
+    worker._start_try(_try("where", run="last"))
+    await _outcomes(conn, 5)
+    assert conn.sent[4]["result"] == seen_threads[1]
+    assert not worker.by_run
+    worker.threads.shutdown()
+
+
+@on_loop
+async def test_an_abandoned_thread_takes_a_slot_again_when_one_is_free() -> None:
+    worker, conn = _worker(threads=2, name="rejoined")
+    worker._start_try(_try("wait_for_gate", run="ended", mark="abandoned"))
+    await asyncio.sleep(0.1)
+    await _cancel(worker, "ended")
+    gate.set()
+    await asyncio.sleep(0.1)
+    # Nothing took its slot meanwhile: the thread lives on and runs the next.
+    (thread,) = _try_threads(worker)
+    worker._start_try(_try("where", run="next"))
+    await _outcomes(conn, 2)
+    assert conn.sent[1]["result"] == thread.name
     worker.threads.shutdown()

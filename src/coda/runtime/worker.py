@@ -80,8 +80,9 @@ class Worker:
             elif op == "cancel":
                 # The run ended (cancelled, or done without awaiting this task).
                 # TODO: a plain-def task keeps running in its thread: Python
-                # cannot stop a thread, so its side effects still happen and
-                # the thread stays busy until the function returns.
+                # cannot stop a thread, so its side effects still happen, and
+                # the worker carries an extra thread (its slot goes to a new
+                # one, see `_TryThreads.abandon`) until the function returns.
                 for running in self.by_run.pop(msg["run"], ()):
                     if isinstance(running, _ThreadTry):
                         self._cancel_thread_try(running)
@@ -191,6 +192,7 @@ class Worker:
         if job.finished:
             return
         job.cancelled = True
+        self.threads.abandon(job)
         self._send_outcome(_failure(job.msg, asyncio.CancelledError()))
 
     def _send_outcome(self, reply: dict[str, Any]) -> None:
@@ -206,7 +208,7 @@ class Worker:
 class _ThreadTry:
     """A try of a plain `def` task, handed to a thread of `_TryThreads`."""
 
-    __slots__ = ("cancelled", "finished", "fn", "msg")
+    __slots__ = ("cancelled", "finished", "fn", "msg", "thread")
 
     def __init__(self, msg: dict[str, Any], fn: Callable[..., Any]) -> None:
         self.msg = msg
@@ -215,6 +217,9 @@ class _ThreadTry:
         # try whose run ended before it started.
         self.cancelled = False
         self.finished = False
+        # The thread the try was handed to, until it has run it (under the
+        # lock of `_TryThreads`).
+        self.thread: _TryThread | None = None
 
     def run(self) -> dict[str, Any]:
         """Run the try (in a thread) and make its outcome message."""
@@ -226,19 +231,40 @@ class _ThreadTry:
         return _success(msg, result)
 
 
+class _TryThread:
+    """One thread of `_TryThreads`: where it is handed tries, and whether its
+    slot was taken away from it."""
+
+    __slots__ = ("abandoned", "handoff")
+
+    def __init__(self) -> None:
+        self.handoff: queue.SimpleQueue[_ThreadTry | None] = queue.SimpleQueue()
+        self.abandoned = False
+
+
 class _TryThreads:
     """Long-lived threads that run plain-def tries, one try a thread at a time.
 
     `run_in_executor` costs more than a no-op task itself: a concurrent future,
     an asyncio future chained to it, a callback to copy one into the other, and
-    a turn of the loop to resume the coroutine awaiting it. Here a thread takes
-    a `_ThreadTry` from a queue, runs it, makes its outcome message (the result
-    checked, the error described) and hands it to the loop; one call into the
-    loop delivers every outcome finished meanwhile.
+    a turn of the loop to resume the coroutine awaiting it. Here a try is
+    handed to an idle thread, which runs it, makes its outcome message (the
+    result checked, the error described) and hands it to the loop; one call
+    into the loop delivers every outcome finished meanwhile.
 
-    Threads are started as tries need them, up to `size`. `coda run` gives a
-    worker a thread for every try it may hold, so a try waits in the queue only
-    behind threads still busy with tries that timed out or were cancelled.
+    There are `size` slots. Threads are started as tries need them, one per
+    slot, and then live on, waiting for the next try. `coda run` gives a
+    worker a slot for every try it may hold, so a try never waits for a thread
+    while the supervisor's clock for its start-to-close timeout runs, provided
+    no thread stays busy with a try the supervisor no longer counts:
+
+    * a try that times out has its worker killed, threads and all;
+    * a try whose run ended is answered as cancelled at once, but Python cannot
+      stop its thread. That thread is abandoned: it gives its slot up (a new
+      thread is started for the next try that needs one), and when its
+      function returns, its outcome is dropped and it takes a free slot again,
+      or ends if there is none. So there are at most `size` threads plus one
+      for each abandoned try still running.
     """
 
     def __init__(
@@ -251,46 +277,88 @@ class _TryThreads:
         self.prefix = prefix
         self.loop: asyncio.AbstractEventLoop | None = None
         self._finished = finished
-        self._jobs: queue.SimpleQueue[_ThreadTry | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._started = 0
-        self._idle = 0  # threads waiting for a try, less tries queued for them
+        # All under the lock: threads holding a slot (not abandoned), those of
+        # them waiting for a try, and tries waiting for a slot (only when the
+        # worker was sent more tries than it has slots).
+        self._slotted = 0
+        self._idle: list[_TryThread] = []
+        self._waiting: collections.deque[_ThreadTry] = collections.deque()
+        self._numbered = 0
+        self._closed = False
         self._done: collections.deque[tuple[_ThreadTry, dict[str, Any]]] = (
             collections.deque()
         )
         self._wakeup_pending = False
 
     def submit(self, job: _ThreadTry) -> None:
-        self._jobs.put(job)
+        runner = None
         with self._lock:
             if self._idle:
-                self._idle -= 1
+                # The thread that went idle last: its stack is the warmest.
+                thread = self._idle.pop()
+                job.thread = thread
+            elif self._slotted < self.size:
+                thread, runner = self._slot_new(job)
+            else:
+                self._waiting.append(job)
                 return
-            if self._started >= self.size:
+        if runner is not None:
+            runner.start()
+        thread.handoff.put(job)
+
+    def abandon(self, job: _ThreadTry) -> None:
+        """On the loop: `job` was cancelled. Its thread, if it is running it,
+        gives up its slot, and a try waiting for one gets a new thread."""
+        with self._lock:
+            thread = job.thread
+            if thread is None:
+                # Waiting for a slot, or already run: either way no thread is
+                # held up by it.
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(job)
                 return
-            self._started += 1
-            number = self._started
-        thread = threading.Thread(
-            target=self._serve, name=f"{self.prefix}_{number}", daemon=True
-        )
-        thread.start()
+            if thread.abandoned:
+                return
+            thread.abandoned = True
+            self._slotted -= 1
+            if not self._waiting or self._closed:
+                return
+            next_job = self._waiting.popleft()
+            replacement, runner = self._slot_new(next_job)
+        runner.start()
+        replacement.handoff.put(next_job)
 
     def shutdown(self) -> None:
         """Drop the tries not started; threads stop once their try returns."""
-        with contextlib.suppress(queue.Empty):
-            while True:
-                job = self._jobs.get_nowait()
-                if job is not None:
-                    job.cancelled = True
-        for _ in range(self.size):
-            self._jobs.put(None)
+        with self._lock:
+            self._closed = True
+            for job in self._waiting:
+                job.cancelled = True
+            self._waiting.clear()
+            idle, self._idle = self._idle, []
+        for thread in idle:
+            thread.handoff.put(None)
 
-    def _serve(self) -> None:
-        jobs = self._jobs
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
+    def _slot_new(self, job: _ThreadTry) -> tuple[_TryThread, threading.Thread]:
+        """Under the lock: take a free slot for a new thread, to be handed `job`;
+        the caller starts it once the lock is released."""
+        self._slotted += 1
+        self._numbered += 1
+        thread = _TryThread()
+        job.thread = thread
+        runner = threading.Thread(
+            target=self._serve,
+            args=(thread,),
+            name=f"{self.prefix}_{self._numbered}",
+            daemon=True,
+        )
+        return thread, runner
+
+    def _serve(self, me: _TryThread) -> None:
+        job = me.handoff.get()
+        while job is not None:
+            reply = None
             if not job.cancelled:
                 try:
                     reply = job.run()
@@ -299,9 +367,36 @@ class _TryThreads:
                     # raises, say): that is the try's failure, and the thread
                     # must live on to run the next one.
                     reply = _failure(job.msg, exc)
+            # The next try is found (or the thread goes idle) before this
+            # outcome is out, so that a try sent in answer finds this thread.
+            stay, next_job = self._after_try(me, job)
+            if reply is not None:
                 self._post(job, reply)
-            with self._lock:
-                self._idle += 1
+            if not stay:
+                return
+            job = next_job if next_job is not None else me.handoff.get()
+
+    def _after_try(
+        self, me: _TryThread, job: _ThreadTry
+    ) -> tuple[bool, _ThreadTry | None]:
+        """`me` has run `job`: whether it stays, and the try it takes next (None:
+        it waits to be handed one)."""
+        with self._lock:
+            job.thread = None
+            if me.abandoned:
+                if self._slotted >= self.size or self._closed:
+                    return False, None  # its slot went to another thread
+                me.abandoned = False
+                self._slotted += 1
+            if self._waiting:
+                next_job = self._waiting.popleft()
+                next_job.thread = me
+                return True, next_job
+            if self._closed:
+                self._slotted -= 1
+                return False, None
+            self._idle.append(me)
+            return True, None
 
     def _post(self, job: _ThreadTry, reply: dict[str, Any]) -> None:
         # The loop clears the flag before it takes outcomes, so an outcome

@@ -169,3 +169,33 @@ async def cancellable(started: str, finished: str, seconds: float) -> str:
         args={"started": started, "finished": finished, "seconds": seconds},
     )
     return result
+
+
+# Plain-def tries left running by runs that ended, and tries that follow them.
+
+
+@coda.task(timeout=1.0)
+def nap_in_time(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+@coda.workflow()
+async def punctual(seconds: float) -> str:
+    result: str = await coda.context.spawn_task(nap_in_time, args={"seconds": seconds})
+    return result
+
+
+@coda.task()
+def nap(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+@coda.workflow()
+async def race(seconds: float) -> str:
+    """Returns once `double` is done, leaving its `nap` running."""
+    slow = coda.context.spawn_task(nap, args={"seconds": seconds})
+    fast = coda.context.spawn_task(double, args={"x": 1})
+    await asyncio.wait([slow, fast], return_when=asyncio.FIRST_COMPLETED)
+    return "fast won"
