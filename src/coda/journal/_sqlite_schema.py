@@ -76,9 +76,25 @@ BUSY_TIMEOUT = 5.0  # seconds to wait for another process's lock before failing
 # 64 MiB, also on a journal of a million events with random run ids; the
 # pages it misses are read from the operating system's cache.
 CACHE_KIB = 16384
-# Checkpoint every ~40 MB of WAL rather than SQLite's 4 MB: a page rewritten by
-# many commits in between is copied into the database once.
-WAL_AUTOCHECKPOINT = 10000
+# Checkpoints (see "Checkpoints" in `coda.journal.sqlite`). The writer's own
+# automatic checkpoint is off; `_sqlite_writer.Checkpointer` copies the WAL
+# into the database on its own connection and thread, a round for about every
+# CHECKPOINT_FRAMES frames (pages, 4 KiB) of WAL while commits come, paced
+# between CHECKPOINT_PAUSES seconds apart: a page rewritten by many commits in
+# between is copied once, and the database is synced once.
+CHECKPOINT_FRAMES = 8_000
+CHECKPOINT_PAUSES = (0.25, 2.0)
+# WAL frames (pages, 4 KiB) past which the WAL should start over from its
+# beginning: the writer then finishes the checkpointer's work itself, between
+# two transactions, so that its next transaction can (about 33 MB of WAL).
+RESTART_FRAMES = 8_000
+# Frames past which readers holding old snapshots are waited for (the writer
+# runs a RESTART checkpoint): about 400 MB of WAL.
+HARD_FRAMES = 100_000
+# The writer's automatic checkpoint, in frames, if the checkpointer's
+# connection cannot be opened: checkpoints back on the commit path, but the
+# WAL bounded.
+WAL_AUTOCHECKPOINT = 10_000
 
 INSERT_RUN = (
     "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at, updated_at,"
@@ -365,13 +381,32 @@ def open_writer(path: Path, synchronous: str) -> sqlite3.Connection:
             f"synchronous = {synchronous}",
             f"busy_timeout = {int(BUSY_TIMEOUT * 1000)}",
             f"cache_size = -{CACHE_KIB}",
-            f"wal_autocheckpoint = {WAL_AUTOCHECKPOINT}",
+            "wal_autocheckpoint = 0",
         ):
             db.execute(f"PRAGMA {pragma}")
     except BaseException as exc:
         db.close()
         if isinstance(exc, sqlite3.Error):
             raise JournalError(f"cannot open journal {path}: {exc}") from exc
+        raise
+    return db
+
+
+def open_checkpointer(path: Path, synchronous: str) -> sqlite3.Connection:
+    """The checkpointer's connection to a journal the writer has opened.
+
+    With the writer's `synchronous`: SQLite syncs the WAL before a checkpoint
+    copies it and the database file before the WAL may be reused only if the
+    connection that checkpoints says so. Blocking; any thread may then use it,
+    one at a time (`_sqlite_writer.Checkpointer` hands it to its own thread).
+    """
+    db = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+    )
+    try:
+        db.execute(f"PRAGMA synchronous = {synchronous}")
+    except BaseException:
+        db.close()
         raise
     return db
 

@@ -3,9 +3,10 @@
 `coda.journal.sqlite` explains how appends are grouped, written and retried;
 this module holds the parts that do the work: `Append` turns one call's events
 into rows and the changes it makes to each run's `runs` row (`RunDelta`),
-`Batch` merges the calls of one transaction, and `Writer` owns the writer's
+`Batch` merges the calls of one transaction, `Writer` owns the writer's
 connection and its thread and writes a batch in one transaction there, by the
-keys of the runs it knows.
+keys of the runs it knows, and `Checkpointer` copies the WAL into the database
+on a connection and thread of its own.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import asyncio
 import enum
 import logging
 import sqlite3
+import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +46,15 @@ from coda.journal.events import (
 from coda.state import RunStatus, cache_token, event_label, status_after
 from coda.values import dumps
 
-__all__ = ["NOTHING", "Append", "Batch", "NotContiguous", "UnknownRuns", "Writer"]
+__all__ = [
+    "NOTHING",
+    "Append",
+    "Batch",
+    "Checkpointer",
+    "NotContiguous",
+    "UnknownRuns",
+    "Writer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +294,7 @@ class Writer:
         self.keys: dict[str, int] = {}
         self._db: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="coda-journal-writer")
+        self.checkpointer: Checkpointer | None = None
 
     async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """`fn(connection)`, on the writer's thread."""
@@ -299,14 +313,37 @@ class Writer:
 
     async def open(self, synchronous: str) -> None:
         def connect() -> None:
-            self._db = schema.open_writer(self.path, synchronous)
+            db = self._db = schema.open_writer(self.path, synchronous)
+            try:
+                checkpoints = schema.open_checkpointer(self.path, synchronous)
+            except sqlite3.Error as exc:
+                logger.warning(
+                    "cannot open a connection to checkpoint journal %s (%s): its "
+                    "writer checkpoints every %d pages itself, stalling that commit",
+                    self.path,
+                    exc,
+                    schema.WAL_AUTOCHECKPOINT,
+                )
+                db.execute(f"PRAGMA wal_autocheckpoint = {schema.WAL_AUTOCHECKPOINT}")
+                return
+            self.checkpointer = Checkpointer(self.path, checkpoints)
+            # A journal dropped without `close` stops its checkpointer too.
+            weakref.finalize(self, self.checkpointer.stop)
 
         await asyncio.get_running_loop().run_in_executor(self._thread, connect)
 
     async def close(self) -> None:
-        """Close the connection (which checkpoints and removes the WAL)."""
+        """Close the connection (which checkpoints and removes the WAL).
+
+        The checkpointer stops first, after its round if one is under way:
+        the writer's connection must be the last one, and no checkpoint may
+        run while it checkpoints on closing.
+        """
 
         def close() -> None:
+            if self.checkpointer is not None:
+                self.checkpointer.close()
+                self.checkpointer = None
             if self._db is not None:
                 self._db.close()
                 self._db = None
@@ -358,11 +395,60 @@ class Writer:
             self._rollback(db)
             raise
 
+        checkpointer = self.checkpointer
+        if checkpointer is not None:
+            checkpointer.committed()
+            if checkpointer.wanted is not None:
+                # After this transaction's callers are released, before the
+                # next transaction: the executor runs its jobs in order.
+                mode, checkpointer.wanted = checkpointer.wanted, None
+                with suppress(RuntimeError):  # closing: it checkpoints anyway
+                    self._thread.submit(self._checkpoint, mode)
+
         for run_id in batch.finished:
             keys.pop(run_id, None)
         if len(keys) > KEYS_MAX:
             for run_id in list(islice(keys, len(keys) // 2)):
                 del keys[run_id]
+
+    def _checkpoint(self, mode: str) -> None:
+        """Finish the checkpointer's work between two transactions, on the thread.
+
+        The WAL starts over from its beginning only at a transaction that
+        begins with every frame of it copied into the database. Under a
+        steady load the checkpointer never gets there by itself: frames come
+        in while it copies. The writer copies the last ones (those of the
+        transactions committed since the checkpointer's last round) and then
+        its next transaction starts the WAL over. Failing here fails no
+        append: they are committed, in the WAL.
+        """
+        db = self._db
+        if db is None:
+            return
+        started = time.perf_counter()
+        try:
+            ((busy, frames, done),) = db.execute(
+                f"PRAGMA wal_checkpoint({mode})"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            logger.error(
+                "checkpoint (%s) of journal %s by its writer failed (%s); appends "
+                "go on, and the WAL grows until a checkpoint succeeds",
+                mode,
+                self.path,
+                exc,
+            )
+            return
+        logger.debug(
+            "writer's %s checkpoint of journal %s: %d of %d WAL frames copied%s "
+            "in %.1f ms",
+            mode,
+            self.path,
+            done,
+            frames,
+            " (busy)" if busy else "",
+            (time.perf_counter() - started) * 1000,
+        )
 
     def _look_up(self, run_ids: list[str]) -> None:
         """Learn the keys of runs submitted before; `UnknownRuns` if any is not."""
@@ -398,6 +484,144 @@ class Writer:
             db.execute("ROLLBACK")
         except sqlite3.Error:
             logger.exception("rolling back a failed append on %s failed", self.path)
+
+
+class Checkpointer:
+    """Copies the WAL into the database, on a connection and thread of its own.
+
+    See "Checkpoints" in `coda.journal.sqlite`. The writer calls `committed`
+    after each commit, and takes `wanted`, what the checkpointer asks of it:
+    None, or the mode of a checkpoint it should run itself between two
+    transactions ("PASSIVE" to let the WAL start over, "RESTART" past
+    `HARD_FRAMES`).
+    """
+
+    # A round that copied more frames than this took long enough for many
+    # more to come in: another round follows at once before the writer is
+    # asked to finish.
+    CATCH_UP_FRAMES = 256
+
+    def __init__(self, path: Path, db: sqlite3.Connection) -> None:
+        self.path = path
+        self.rounds = 0  # checkpoints that ran
+        self.frames = 0  # frames in the WAL, as of the last round
+        self.wanted: str | None = None
+        self._db = db
+        self._done = 0  # frames copied, as of the last round
+        self._failure: str | None = None  # the error last logged
+        self._commits = threading.Event()  # a commit since the last round
+        self._closing = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="coda-journal-checkpointer", daemon=True
+        )
+        self._thread.start()
+
+    def committed(self) -> None:
+        """After a commit; cheap (the writer's thread calls it for every one)."""
+        if not self._commits.is_set():
+            self._commits.set()
+
+    def stop(self) -> None:
+        """Ask the thread to end after its round, without waiting for it."""
+        self._closing.set()
+        self._commits.set()
+
+    def close(self) -> None:
+        """Stop, and wait for the thread (and its connection) to end."""
+        self.stop()
+        self._thread.join()
+
+    def _run(self) -> None:
+        low, high = schema.CHECKPOINT_PAUSES
+        pause, last = low, time.monotonic()
+        try:
+            while True:
+                self._commits.wait()
+                # Let the WAL grow for a while: a page that many commits
+                # rewrite meanwhile is copied once.
+                if self._closing.wait(pause):
+                    return
+                self._commits.clear()
+                before = self.frames
+                again = self._round()
+                grown = self.frames - before if self.frames >= before else self.frames
+                while again and not self._closing.is_set():
+                    again = self._round()
+                # The next round once about CHECKPOINT_FRAMES more have come,
+                # at the pace they came since the last round, within bounds:
+                # each round costs an fsync of the database, which the
+                # writer's fsyncs of the WAL wait behind.
+                now = time.monotonic()
+                rate = grown / max(now - last, 1e-3)
+                last = now
+                pause = schema.CHECKPOINT_FRAMES / rate if rate > 0 else high
+                pause = min(max(pause, low), high)
+        finally:
+            self._db.close()
+
+    def _round(self) -> bool:
+        """One PASSIVE checkpoint; whether another should follow at once."""
+        try:
+            ((busy, frames, done),) = self._db.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            self._failed(exc)
+            return False
+        except Exception:
+            logger.exception("checkpointing journal %s failed unexpectedly", self.path)
+            return False
+        self.rounds += 1
+        if not busy:
+            self.frames = frames
+        if self._failure is not None:
+            logger.info("checkpoints of journal %s succeed again", self.path)
+            self._failure = None
+        # Fewer frames copied than last time: the WAL started over meanwhile.
+        copied = done - self._done if done >= self._done else done
+        self._done = done
+        logger.debug(
+            "checkpoint of journal %s: %d of %d WAL frames copied%s",
+            self.path,
+            done,
+            frames,
+            " (busy)" if busy else "",
+        )
+        if busy or frames < schema.RESTART_FRAMES:
+            return False
+        if copied > self.CATCH_UP_FRAMES:
+            return True
+        if frames >= schema.HARD_FRAMES:
+            logger.warning(
+                "the WAL of journal %s holds %d frames (%d MB), past %d: readers "
+                "holding old snapshots keep it from starting over; the writer "
+                "waits up to %gs for them before its next transaction",
+                self.path,
+                frames,
+                frames * 4096 // 1_000_000,
+                schema.HARD_FRAMES,
+                schema.BUSY_TIMEOUT,
+            )
+            self.wanted = "RESTART"
+        else:
+            self.wanted = "PASSIVE"
+        return False
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        """Log a failed round; the same error again only at debug."""
+        text = str(exc)
+        if text == self._failure:
+            logger.debug("checkpoint of journal %s failed again: %s", self.path, exc)
+            return
+        self._failure = text
+        logger.error(
+            "checkpoint of journal %s failed (%s): appends go on, their events "
+            "stay in the WAL, which grows until a checkpoint succeeds; check the "
+            "disk and the free space on %s",
+            self.path,
+            exc,
+            self.path.absolute().parent,
+        )
 
 
 class NotContiguous(Exception):
