@@ -135,6 +135,12 @@ class LiveRun:
     # Events at positions below this are durable. The state runs ahead of it
     # while decisions are being written; only what is durable may be told.
     durable: int = 0
+    # The number of the last activation sent; a host's answer names the one
+    # it answers, and answers to earlier ones are stale.
+    activation: int = 0
+    # An append of the run's failed and its state is being reread from the
+    # journal: nothing is decided for it meanwhile (see `_recover_from`).
+    reloading: bool = False
 
     @property
     def run_id(self) -> str:
@@ -415,6 +421,12 @@ class Supervisor:
         self, jobs: list[tuple[list[LiveRun], Callable[[], None] | None, Any]]
     ) -> None:
         runs = {run.run_id: run for job in jobs for run in job[0]}
+        # Their state in memory is ahead of the journal: whatever is decided
+        # on it would not continue their histories, and would only fail again.
+        # Outcomes that arrive meanwhile are dropped; their tries are found
+        # started and not held by any worker once reread, and run again.
+        for run in runs.values():
+            run.reloading = True
         for _, _, done in jobs:
             if not done.done():
                 done.set_result(False)
@@ -502,9 +514,9 @@ class Supervisor:
         self, run: LiveRun, events: list[Event], *, linger: bool = False
     ) -> asyncio.Future[bool]:
         """Queue one run's new events; act on them once durable."""
-        if not events:
+        if not events or run.reloading:
             done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-            done.set_result(True)
+            done.set_result(not run.reloading)
             return done
         run.history += events
         run.outbox += [e for e in events if _feeds(e)]
@@ -528,6 +540,7 @@ class Supervisor:
             history = await self.journal.history(run.run_id)
         except CodaError:
             logger.exception("run %s: cannot reread its history", run.run_id)
+            run.reloading = False  # go on from memory, as best we can
             return
         state = fold(history)
         if state is None:
@@ -537,8 +550,14 @@ class Supervisor:
                 self._forget_unrecorded(run.run_id)
             return
         run.state, run.history, run.outbox = state, history, []
+        if run.host is not None:
+            # Its instance saw what the journal did not keep: start afresh.
+            run.host.hosted.discard(run.run_id)
+            if run.host.alive:
+                run.host.conn.send({"op": "drop", "run": run.run_id})
         run.activating, run.host = False, None
         run.durable = len(history)
+        run.reloading = False
         if state.status.finished:
             # Tries of steps whose start was not durable may still be out.
             self._finish(run, every_try=True)
@@ -662,7 +681,7 @@ class Supervisor:
         `early` is for a new run only: its code may start on the submission
         before that is durable, since it acts on nothing itself.
         """
-        if run.activating or run.state.status is not RunStatus.RUNNING:
+        if run.activating or run.reloading or run.state.status is not RunStatus.RUNNING:
             return
         limit = run.state.next_seq if early else run.durable
         host = run.host
@@ -687,9 +706,11 @@ class Supervisor:
             run.outbox = run.outbox[len(events) :]
         assert host is not None
         run.activating = True
+        run.activation += 1
         message = {
             "op": "activate",
             "run": run.run_id,
+            "n": run.activation,
             "workflow": run.state.workflow,
             "args": run.state.args,
             "full": full,
@@ -711,10 +732,26 @@ class Supervisor:
             return None
         return min(workers, key=lambda w: len(w.hosted))
 
-    def _on_commands(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+    def _answering(self, worker: WorkerHandle, msg: dict[str, Any]) -> LiveRun | None:
+        """The run a host's answer is about, if it answers the activation in flight.
+
+        Not if the run finished, was re-hosted or is being reread meanwhile,
+        nor if the answer is to an earlier activation (one sent before the
+        run was reread and hosted on the same worker again, say): acting on
+        it would decide on code that saw another history.
+        """
         run = self.runs.get(msg["run"])
-        if run is None or run.host is not worker:
-            return  # finished or re-hosted meanwhile; that host will answer
+        if run is None or run.host is not worker or run.reloading:
+            return None
+        answered = msg.get("n")
+        if answered is not None and answered != run.activation:
+            return None
+        return run
+
+    def _on_commands(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        run = self._answering(worker, msg)
+        if run is None:
+            return  # that host, or the next activation, will answer
         run.activating = False
         commands = [decode_command(c) for c in msg["commands"]]
         events = decide.on_commands(run.state, commands, self.clock())
@@ -736,11 +773,15 @@ class Supervisor:
 
     def _on_resync(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
         """The host lost the run's instance: send it the whole history again."""
+        if self._answering(worker, msg) is None:
+            return
         run = self._unhost(worker, msg["run"])
         if run is not None:
             self._activate(run)
 
     def _on_diverged(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        if self._answering(worker, msg) is None:
+            return
         run = self._unhost(worker, msg["run"])
         if run is None:
             return
@@ -783,7 +824,12 @@ class Supervisor:
             key = self._ready.popleft()
             run = self.runs.get(key[0])
             step = run.state.steps.get((key[1], key[2])) if run else None
-            if run is None or step is None or not _is_due(run.state, step, now):
+            if (
+                run is None
+                or run.reloading  # scanned again once reread
+                or step is None
+                or not _is_due(run.state, step, now)
+            ):
                 self._queued.discard(key)
                 continue
             if key in self._suspects:
@@ -840,7 +886,7 @@ class Supervisor:
             worker.exclusive = False
             self._suspects.discard(key[:3])
         run = self.runs.get(key[0])
-        if run is not None:
+        if run is not None and not run.reloading:
             now = self.clock()
             if msg.get("ok"):
                 events = decide.on_task_result(

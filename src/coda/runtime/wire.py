@@ -1,16 +1,19 @@
 """The messages the runtime's processes exchange, over `coda.protocol` frames.
 
 Supervisor to worker:
-    {"op": "activate", "run": id, "workflow": name, "args": {...},
-     "full": bool, "events": [event, ...]}   feed a run's workflow instance
+    {"op": "activate", "run": id, "n": number, "workflow": name,
+     "args": {...}, "full": bool, "events": [event, ...]}
+                                             feed a run's workflow instance
     {"op": "drop", "run": id}                forget a run's instance
     {"op": "task", "run": id, "attempt": a, "step": s, "try": t,
      "task": name, "args": {...}}            run one try of a task
     {"op": "stop"}                           finish up and exit
 
 Worker to supervisor:
-    {"op": "commands", "run": id, "commands": [command, ...]}
-    {"op": "diverged", "run": id, "error": error}
+    {"op": "commands", "run": id, "n": number, "commands": [command, ...]}
+    {"op": "diverged", "run": id, "n": number, "error": error}
+    {"op": "resync", "run": id, "n": number}
+                                             answers to activation number n
     {"op": "outcome", "run": id, "attempt": a, "step": s, "try": t,
      "ok": bool, "result": value | "error": error}
 

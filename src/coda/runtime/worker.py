@@ -108,12 +108,16 @@ class Worker:
 
     def _activate(self, msg: dict[str, Any]) -> None:
         run_id = msg["run"]
+        # Every answer names the activation it answers: one to an earlier
+        # activation is stale by the time it arrives, and the supervisor
+        # drops it (see `Supervisor._answering`).
+        answer: dict[str, Any] = {"run": run_id, "n": msg.get("n")}
         faults.crash_point("worker.activation")
         instance = self.instances.get(run_id)
         if instance is None and not msg.get("full"):
             # New events for an instance this worker does not hold (dropped
             # after an error, say): only the whole history can rebuild it.
-            self.conn.send({"op": "resync", "run": run_id})
+            self.conn.send({"op": "resync", **answer})
             return
         try:
             events = [codec.decode_dict(e) for e in msg["events"]]
@@ -126,21 +130,21 @@ class Worker:
             self.instances.pop(run_id, None)
             text = "".join(traceback.format_exception(exc))
             error = encode_error(ErrorInfo.from_exception(exc, text))
-            self.conn.send({"op": "diverged", "run": run_id, "error": error})
+            self.conn.send({"op": "diverged", **answer, "error": error})
             return
         except CodaError as exc:
             # A history this worker cannot read (a newer event format, say) is
             # no reason to die: the run is parked with the reason.
             self.instances.pop(run_id, None)
             error = encode_error(ErrorInfo.from_exception(exc, traceback.format_exc()))
-            self.conn.send({"op": "diverged", "run": run_id, "error": error})
+            self.conn.send({"op": "diverged", **answer, "error": error})
             return
         if instance.finished:
             self.instances.pop(run_id, None)
         self.conn.send(
             {
                 "op": "commands",
-                "run": run_id,
+                **answer,
                 "commands": [encode_command(c) for c in commands],
             }
         )

@@ -1,0 +1,102 @@
+"""A host's answer to an earlier activation of a run is stale, and dropped.
+
+After an append fails, the supervisor rereads the run's history and may host
+it again on the same worker; an answer the worker sent to the activation
+before that (made by code that saw a history the journal did not keep) must
+not be decided on. The supervisor runs in this process with one stand-in
+worker whose messages the test writes by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coda.definitions import load_app
+from coda.journal.events import RetryPolicy, RunSubmitted, TaskScheduled
+from coda.journal.sqlite import SQLiteJournal
+from coda.replay.engine import ScheduleTask
+from coda.runtime.pool import WorkerHandle
+from coda.runtime.supervisor import Supervisor
+from coda.runtime.wire import encode_command
+
+from .support import APP, APPS
+
+
+class Outbox:
+    """The stand-in worker's connection: what the supervisor sends it."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sent.append(msg)
+
+
+@pytest.fixture(autouse=True)
+def _app_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(APPS))
+
+
+def test_an_answer_to_an_earlier_activation_is_dropped(tmp_path: Path) -> None:
+    asyncio.run(_stale(tmp_path))
+
+
+def _schedule(run_id: str, n: int | None, x: int) -> dict[str, Any]:
+    command = ScheduleTask(
+        attempt=1,
+        step=0,
+        task="double",
+        args={"x": x},
+        cache_key=None,
+        policy=RetryPolicy(),
+        timeout=None,
+    )
+    msg = {"op": "commands", "run": run_id, "commands": [encode_command(command)]}
+    if n is not None:
+        msg["n"] = n
+    return msg
+
+
+async def _stale(tmp_path: Path) -> None:
+    journal = await SQLiteJournal.open(tmp_path / "coda.db")
+    supervisor = Supervisor(journal, APP, load_app(APP), workers=0)
+    supervisor.LINGER = 0.0
+    outbox = Outbox()
+    worker = WorkerHandle("w1", None, outbox, 0.0)  # type: ignore[arg-type]
+    supervisor.pool.workers.append(worker)
+    await supervisor.start()
+    try:
+        assert await supervisor.submit("quick", {"x": 4}, "r1") == ("r1", True)
+        first = [m for m in outbox.sent if m["op"] == "activate"]
+        assert [m["n"] for m in first] == [1]
+        run = supervisor.runs["r1"]
+
+        # The run is taken from its host and hosted there again (as after a
+        # reread): activation 2 is in flight, and activation 1's answer
+        # arrives only now.
+        supervisor._unhost(worker, "r1")
+        supervisor._activate(run)
+        assert [m["n"] for m in outbox.sent if m["op"] == "activate"] == [1, 2]
+        supervisor._on_worker_message(worker, _schedule("r1", 1, x=99))
+        await asyncio.sleep(0.05)
+        assert run.activating, "a stale answer ended the activation in flight"
+        assert not [e for e in run.history if isinstance(e, TaskScheduled)]
+
+        # The answer to activation 2 is the one decided on.
+        supervisor._on_worker_message(worker, _schedule("r1", 2, x=4))
+        await asyncio.sleep(0.05)
+        scheduled = [e for e in run.history if isinstance(e, TaskScheduled)]
+        assert [e.args for e in scheduled] == [{"x": 4}]
+        history = await journal.history("r1")
+        assert isinstance(history[0], RunSubmitted)
+        assert [e.args for e in history if isinstance(e, TaskScheduled)] == [{"x": 4}]
+    finally:
+        supervisor.pool.workers.clear()
+        await supervisor.stop()
+        await journal.close()
