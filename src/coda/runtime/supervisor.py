@@ -174,7 +174,7 @@ class Supervisor:
         registry: Registry,
         *,
         workers: int,
-        worker_threads: int = 16,
+        worker_threads: int | None = None,
         max_tries_per_worker: int = 64,
         clock: Callable[[], float] = time.time,
         worker_env: dict[str, str] | None = None,
@@ -198,7 +198,10 @@ class Supervisor:
             on_message=self._on_worker_message,
             on_lost=self._on_worker_lost,
             on_ready=self._on_worker_ready,
-            threads=worker_threads,
+            # A thread for every try a worker may hold, unless told otherwise:
+            # a plain-def try must never wait for a thread while its
+            # start-to-close timeout runs.
+            threads=worker_threads or max_tries_per_worker,
             env=worker_env,
             log_level=log_level,
         )
