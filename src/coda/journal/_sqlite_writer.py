@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -500,6 +501,9 @@ class Checkpointer:
     # more to come in: another round follows at once before the writer is
     # asked to finish.
     CATCH_UP_FRAMES = 256
+    # The first round waits until the WAL file holds this much (it keeps its
+    # size when the WAL starts over, so later rounds go by the pace instead).
+    FIRST_ROUND_BYTES = schema.CHECKPOINT_FRAMES * 4096
 
     def __init__(self, path: Path, db: sqlite3.Connection) -> None:
         self.path = path
@@ -542,6 +546,11 @@ class Checkpointer:
                 if self._closing.wait(pause):
                     return
                 self._commits.clear()
+                if self.rounds == 0 and self._wal_bytes() < self.FIRST_ROUND_BYTES:
+                    # Nothing worth copying yet: a journal that takes a burst
+                    # and then rests is checkpointed when it closes, without
+                    # fsyncs of the database while the burst is written.
+                    continue
                 before = self.frames
                 again = self._round()
                 grown = self.frames - before if self.frames >= before else self.frames
@@ -558,6 +567,12 @@ class Checkpointer:
                 pause = min(max(pause, low), high)
         finally:
             self._db.close()
+
+    def _wal_bytes(self) -> int:
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return 0
 
     def _round(self) -> bool:
         """One PASSIVE checkpoint; whether another should follow at once."""
