@@ -11,6 +11,8 @@ finished before its waiter asked, and `run` (submit and wait in one request).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,20 +31,36 @@ def _app_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(APPS))
 
 
+@contextlib.asynccontextmanager
+async def _serving(
+    tmp_path: Path, max_frame_bytes: int = 64 * 1024 * 1024
+) -> AsyncIterator[tuple[FillingJournal, Supervisor, Client]]:
+    """A supervisor with one worker, its client server, and a client of it."""
+    journal = await FillingJournal.open(tmp_path / "coda.db")
+    supervisor = Supervisor(
+        journal, APP, load_app(APP), workers=1, worker_env=base_env()
+    )
+    server = ClientServer(
+        supervisor, socket_path=tmp_path / "s.sock", max_frame_bytes=max_frame_bytes
+    )
+    await supervisor.start()
+    await server.start()
+    client = await Client.connect(tmp_path / "s.sock")
+    try:
+        yield journal, supervisor, client
+    finally:
+        await client.close()
+        await server.close()
+        await supervisor.stop()
+        await journal.close()
+
+
 def test_submit_and_wait_answered_by_callbacks(tmp_path: Path) -> None:
     asyncio.run(_scenario(tmp_path))
 
 
 async def _scenario(tmp_path: Path) -> None:
-    journal = await FillingJournal.open(tmp_path / "coda.db")
-    supervisor = Supervisor(
-        journal, APP, load_app(APP), workers=1, worker_env=base_env()
-    )
-    server = ClientServer(supervisor, socket_path=tmp_path / "s.sock")
-    await supervisor.start()
-    await server.start()
-    client = await Client.connect(tmp_path / "s.sock")
-    try:
+    async with _serving(tmp_path) as (journal, supervisor, client):
         async with asyncio.timeout(30):
             # Durable submissions, answered once written; their waits too.
             ids = await asyncio.gather(
@@ -78,11 +96,6 @@ async def _scenario(tmp_path: Path) -> None:
             # And everything works again afterwards, on the same connection.
             assert await client.run("quick", {"x": 7}) == 15
             assert supervisor.stats.submitted == 22
-    finally:
-        await client.close()
-        await server.close()
-        await supervisor.stop()
-        await journal.close()
 
 
 def test_requests_the_supervisor_must_refuse_or_cannot_answer(tmp_path: Path) -> None:
@@ -90,63 +103,54 @@ def test_requests_the_supervisor_must_refuse_or_cannot_answer(tmp_path: Path) ->
 
 
 async def _refusals(tmp_path: Path) -> None:
-    journal = await FillingJournal.open(tmp_path / "coda.db")
-    supervisor = Supervisor(
-        journal, APP, load_app(APP), workers=1, worker_env=base_env()
-    )
     # A small frame limit, so that a reply can be too large for it.
-    server = ClientServer(
-        supervisor, socket_path=tmp_path / "s.sock", max_frame_bytes=64 * 1024
-    )
-    await supervisor.start()
-    await server.start()
-    client = await Client.connect(tmp_path / "s.sock")
-    try:
-        async with asyncio.timeout(30):
-            # Arguments that are not an object, and ids that are not strings,
-            # are refused: never read as "no arguments" or "make up an id".
-            for args in ([], 0, "", False):
-                with pytest.raises(RequestError, match="must be a JSON object"):
-                    await client.request("submit", workflow="quick", args=args)
-            for run_id in (0, False):
-                with pytest.raises(RequestError, match="is not valid"):
-                    await client.request(
-                        "submit", workflow="quick", args={"x": 1}, run_id=run_id
-                    )
-            # Too deep for the journal: refused before anything is written.
-            deep: object = 1
-            for _ in range(150):
-                deep = [deep]
-            with pytest.raises(RequestError, match="levels deep"):
+    async with (
+        _serving(tmp_path, max_frame_bytes=64 * 1024) as (
+            journal,
+            supervisor,
+            client,
+        ),
+        asyncio.timeout(30),
+    ):
+        # Arguments that are not an object, and ids that are not strings,
+        # are refused: never read as "no arguments" or "make up an id".
+        for args in ([], 0, "", False):
+            with pytest.raises(RequestError, match="must be a JSON object"):
+                await client.request("submit", workflow="quick", args=args)
+        for run_id in (0, False):
+            with pytest.raises(RequestError, match="is not valid"):
                 await client.request(
-                    "submit", workflow="echo", args={"value": deep}, run_id="deep"
+                    "submit", workflow="quick", args={"x": 1}, run_id=run_id
                 )
-            assert await journal.run("deep") is None
-
-            # A reply over the client's frame limit becomes an error reply,
-            # and the connection goes on. (The history holds the value twice:
-            # in the submission and in the result.)
-            big = "x" * 40_000
-            assert await client.run("echo", {"value": big}, run_id="big") == big
-            with pytest.raises(RequestError, match="over the frame limit"):
-                await client.request("history", run_id="big")
-            assert await client.run("quick", {"x": 1}) == 3
-
-            # A wait for a run whose submission the journal then refuses is
-            # answered (the run does not exist), not left waiting for ever.
-            journal.full = True
-            submit = asyncio.ensure_future(
-                client.request("submit", workflow="quick", args={"x": 1}, run_id="x1")
+        # Too deep for the journal: refused before anything is written.
+        deep: object = 1
+        for _ in range(150):
+            deep = [deep]
+        with pytest.raises(RequestError, match="levels deep"):
+            await client.request(
+                "submit", workflow="echo", args={"value": deep}, run_id="deep"
             )
-            while "x1" not in supervisor.runs:
-                await asyncio.sleep(0)
-            with pytest.raises(RunNotFound, match="could not be recorded"):
-                await client.wait("x1")
-            with pytest.raises(RequestError, match="could not be recorded"):
-                await submit
-            journal.full = False
-    finally:
-        await client.close()
-        await server.close()
-        await supervisor.stop()
-        await journal.close()
+        assert await journal.run("deep") is None
+
+        # A reply over the client's frame limit becomes an error reply,
+        # and the connection goes on. (The history holds the value twice:
+        # in the submission and in the result.)
+        big = "x" * 40_000
+        assert await client.run("echo", {"value": big}, run_id="big") == big
+        with pytest.raises(RequestError, match="over the frame limit"):
+            await client.request("history", run_id="big")
+        assert await client.run("quick", {"x": 1}) == 3
+
+        # A wait for a run whose submission the journal then refuses is
+        # answered (the run does not exist), not left waiting for ever.
+        journal.full = True
+        submit = asyncio.ensure_future(
+            client.request("submit", workflow="quick", args={"x": 1}, run_id="x1")
+        )
+        while "x1" not in supervisor.runs:
+            await asyncio.sleep(0)
+        with pytest.raises(RunNotFound, match="could not be recorded"):
+            await client.wait("x1")
+        with pytest.raises(RequestError, match="could not be recorded"):
+            await submit
+        journal.full = False

@@ -73,8 +73,10 @@ __all__ = [
 WORKER_LINK_MAX_FRAME_BYTES = 1024 * 1024 * 1024
 
 
-# The helpers below mirror the private ones of `coda.journal.codec`, whose
-# errors are its own; sharing them needs a module of their own first.
+# TODO: the helpers below and the reader generator after them repeat those of
+# `coda.journal.codec` (whose errors name events, where these name commands).
+# A module of their own, used by both, would leave one place to fix a bug in
+# strict reading; until then a fix must be made in both files.
 
 
 class _Missing:
