@@ -321,3 +321,19 @@ async def test_an_abandoned_thread_takes_a_slot_again_when_one_is_free() -> None
     await _outcomes(conn, 2)
     assert conn.sent[1]["result"] == thread.name
     worker.threads.shutdown()
+
+
+@on_loop
+async def test_started_threads_wait_for_tries_and_no_more_are_made() -> None:
+    worker, conn = _worker(threads=3, name="prestarted")
+    worker.threads.start_all()
+    started = _try_threads(worker)
+    assert len(started) == 3
+    for index in range(6):
+        worker._start_try(_try("where", run=f"r{index}"))
+    await _outcomes(conn, 6)
+    assert {m["result"] for m in conn.sent} <= {t.name for t in started}
+    assert len(_try_threads(worker)) == 3
+    worker.threads.start_all()  # every slot has its thread already
+    assert len(_try_threads(worker)) == 3
+    worker.threads.shutdown()

@@ -224,11 +224,14 @@ class Supervisor:
         self._stopping = False
         # The last append the journal refused, for those who ask why.
         self.journal_error: JournalError | None = None
+        # The event loop it runs on, from `start`.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.Task[None] | None = None
 
     # Start-up and shutdown.
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         # Workers take a while to import the app: start them while the journal
         # is read and folded.
         workers = asyncio.create_task(self.pool.start())
@@ -347,7 +350,7 @@ class Supervisor:
         linger: bool = False,
     ) -> asyncio.Future[bool]:
         """Queue events for the journal; the future says whether they are durable."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
         self._queue_events += events
         self._queue_jobs.append((list(runs), then, done))

@@ -256,8 +256,11 @@ class _TryThreads:
     result checked, the error described) and hands it to the loop; one call
     into the loop delivers every outcome finished meanwhile.
 
-    There are `size` slots. Threads are started as tries need them, one per
-    slot, and then live on, waiting for the next try. `coda run` gives a
+    There are `size` slots, and a thread for each is started before the
+    worker takes work (`start_all`): started while tries arrive, each start
+    waited for the new thread to get hold of the GIL from a busy event loop,
+    a fifth of a worker's time in the first seconds of a burst. Threads live
+    on, waiting for the next try. `coda run` gives a
     worker a slot for every try it may hold, so a try never waits for a thread
     while the supervisor's clock for its start-to-close timeout runs, provided
     no thread stays busy with a try the supervisor no longer counts:
@@ -294,6 +297,19 @@ class _TryThreads:
             collections.deque()
         )
         self._wakeup_pending = False
+
+    def start_all(self) -> None:
+        """Start a thread for every free slot, to wait for tries."""
+        runners = []
+        with self._lock:
+            while self._slotted < self.size and not self._closed:
+                self._slotted += 1
+                self._numbered += 1
+                thread = _TryThread()
+                self._idle.append(thread)
+                runners.append(self._runner(thread))
+        for runner in runners:
+            runner.start()
 
     def submit(self, job: _ThreadTry) -> None:
         runner = None
@@ -351,13 +367,15 @@ class _TryThreads:
         self._numbered += 1
         thread = _TryThread()
         job.thread = thread
-        runner = threading.Thread(
+        return thread, self._runner(thread)
+
+    def _runner(self, thread: _TryThread) -> threading.Thread:
+        return threading.Thread(
             target=self._serve,
             args=(thread,),
             name=f"{self.prefix}_{self._numbered}",
             daemon=True,
         )
-        return thread, runner
 
     def _serve(self, me: _TryThread) -> None:
         job = me.handoff.get()
@@ -473,6 +491,7 @@ async def _main(fd: int, app: str, name: str, threads: int) -> None:
         # logs on its side): nobody to work for, nothing to add.
         return
     worker = Worker(conn, registry, name, threads)
+    worker.threads.start_all()
     settle_heap()  # the app imported and connected: what lives now stays
     try:
         await worker.serve()
