@@ -365,9 +365,9 @@ def fresh_directory() -> Iterator[Path]:
 
 @contextlib.contextmanager
 def running_supervisor(
-    workdir: Path, extra_args: tuple[str, ...] = ()
+    workdir: Path, extra_args: tuple[str, ...] = (), workers: int = 2
 ) -> Iterator[CodaProcess]:
-    supervisor = CodaProcess(workdir, extra_args=extra_args)
+    supervisor = CodaProcess(workdir, workers=workers, extra_args=extra_args)
     problems: list[str] = []
     try:
         supervisor.start()

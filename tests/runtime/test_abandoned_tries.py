@@ -16,21 +16,14 @@ import pytest
 
 from coda.journal.events import TaskCompleted, TaskFailed
 
-from .support import CodaProcess, wait_for
+from .support import CodaProcess, running_supervisor, wait_for
 
 
 @pytest.fixture
 def one_worker(workdir: Path) -> Iterator[CodaProcess]:
     """`coda run e2e_app` with one worker that holds two tries at a time."""
-    supervisor = CodaProcess(workdir, workers=1, extra_args=("-c", "2"))
-    try:
-        supervisor.start()
+    with running_supervisor(workdir, ("-c", "2"), workers=1) as supervisor:
         yield supervisor
-    finally:
-        problems = supervisor.cleanup()
-        print(supervisor.log_text())
-    assert not problems
-    assert "Traceback" not in supervisor.log_text()
 
 
 def test_a_try_after_cancelled_runs_runs_within_its_timeout(

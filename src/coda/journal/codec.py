@@ -29,8 +29,8 @@ class from its `attrs.fields`, much as attrs generates `__init__`: straight-line
 code that builds an object's dict field by field, and that reads each field with
 a single type test on the path where the field is right (`type(x) is not int`),
 working out what is wrong only when it is. What each field may hold follows from
-its annotation through `_CHECKS`; a field of a type missing there fails at
-import, so a new field cannot be read laxly by accident. On the 30,005 events
+its annotation through `coda._strict.CHECKS`; a field of a type missing there
+fails at import, so a new field cannot be read laxly by accident. On the 30,005 events
 of the W5 benchmark's history, the generic structuring with cattrs that this
 replaced decoded about 240,000 events a second, these readers about 600,000.
 
@@ -51,6 +51,7 @@ import attrs
 import cattrs
 import orjson
 
+from coda._strict import CHECKS, NAMESPACE, Malformed
 from coda.errors import JournalError, JournalVersionError
 from coda.journal.events import EVENT_TYPES, ErrorInfo, Event, RetryPolicy
 
@@ -69,79 +70,6 @@ FORMAT_VERSION = 1
 # this many the table starts again, so odd histories cannot make it grow.
 _SHARED_MAX = 1024
 
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING: Final = _Missing()
-
-
-class _Malformed(Exception):
-    """A field that cannot be read; `decode_dict` names the event around it."""
-
-
-def _problem(path: str, expected: str, value: Any) -> _Malformed:
-    if value is _MISSING:
-        return _Malformed(f"required field missing @ $.{path}")
-    return _Malformed(
-        f"invalid value, expected {expected}, found {_preview(value, 60)} @ $.{path}"
-    )
-
-
-# What the generated code calls once the single type test has failed, or for
-# the fields that need more than one test.
-
-
-def _as_float(value: Any, path: str) -> float:
-    if type(value) is int:
-        try:
-            return float(value)
-        except OverflowError:
-            pass
-    raise _problem(path, "float", value)
-
-
-def _as_strings(value: Any, path: str) -> tuple[str, ...]:
-    if type(value) is not list:
-        raise _problem(path, "a list of str", value)
-    for index, item in enumerate(value):
-        if type(item) is not str:
-            raise _problem(f"{path}[{index}]", "str", item)
-    return tuple(value)
-
-
-def _is_object(value: Any) -> bool:
-    if type(value) is not dict:
-        return False
-    for key in value:  # noqa: SIM110 (a loop is quicker than all() of a generator)
-        if type(key) is not str:
-            return False
-    return True
-
-
-# How a field of each annotated type is read: `{x}` is the value just taken
-# from the object (or `_MISSING`), `{path}` the expression naming it in errors.
-# Types of `attrs` classes are read by their own generated reader.
-_CHECKS: dict[Any, str] = {
-    str: "if type({x}) is not str: raise _problem({path}, 'str', {x})",
-    int: "if type({x}) is not int: raise _problem({path}, 'int', {x})",
-    float: "if type({x}) is not float: {x} = _as_float({x}, {path})",
-    float | None: (
-        "if type({x}) is not float and {x} is not None: {x} = _as_float({x}, {path})"
-    ),
-    Any: "if {x} is _MISSING: raise _problem({path}, 'a value', {x})",
-    dict[str, Any]: (
-        "if not _is_object({x}): raise _problem({path}, 'an object', {x})"
-    ),
-    list[Any]: "if type({x}) is not list: raise _problem({path}, 'a list', {x})",
-    list[Any] | None: (
-        "if type({x}) is not list and {x} is not None:"
-        " raise _problem({path}, 'a list or null', {x})"
-    ),
-    tuple[str, ...]: "{x} = _as_strings({x}, {path})",
-}
 
 # How a field is written, when not as it is: tuples as lists, so that a written
 # dict reads back (a reader wants the JSON form, where a tuple is a list).
@@ -167,11 +95,11 @@ def _check(cls: type, field: attrs.Attribute[Any], path: str) -> str:
     x = f"x_{field.name}"
     if kind in _NESTED:
         return f"{x} = _read_{_NESTED[kind]}({x}, {path})"
-    if kind in _CHECKS:
-        return _CHECKS[kind].format(x=x, path=path)
+    if kind in CHECKS:
+        return CHECKS[kind].format(x=x, path=path)
     raise TypeError(
         f"coda.journal.codec cannot read {cls.__name__}.{field.name} of type "
-        f"{kind!r}: give the type an entry in _CHECKS"
+        f"{kind!r}: give the type an entry in coda._strict.CHECKS"
     )
 
 
@@ -196,8 +124,9 @@ def _reader_source(cls: type, where: str) -> tuple[str, str, dict[str, Any]]:
     The first part reads and checks every field into `x_<name>`, the second
     makes the instance `made` from them.
 
-    `where` is the expression of a field's path, given the expression of its
-    name: `{name}` for an event's own fields, `where + '.' + {name}` inside one.
+    `where` is the expression of a field's location, given the expression of
+    its name: `'$.' + {name}` for an event's own fields, `where + '.' + {name}`
+    inside one.
     Required fields are taken by subscript, the quickest read there is; a
     missing one raises `KeyError`, which names it.
     """
@@ -289,7 +218,7 @@ def _make_nested(cls: type, namespace: dict[str, Any]) -> None:
 
 
 def _make_event(cls: type[Event], namespace: dict[str, Any]) -> tuple[_Reader, _Writer]:
-    reads, make, constants = _reader_source(cls, "{name}")
+    reads, make, constants = _reader_source(cls, "'$.' + {name}")
     source = f"def read(obj):\n{reads}{make}    return made\n"
     head = f"'v': {FORMAT_VERSION}, 'type': {cls.__name__!r}"
     local = {**namespace, **constants}
@@ -299,12 +228,8 @@ def _make_event(cls: type[Event], namespace: dict[str, Any]) -> tuple[_Reader, _
 
 def _make_all() -> tuple[dict[str, _Reader], dict[type, _Writer]]:
     namespace: dict[str, Any] = {
-        "_MISSING": _MISSING,
+        **NAMESPACE,
         "_SHARED_MAX": _SHARED_MAX,
-        "_as_float": _as_float,
-        "_as_strings": _as_strings,
-        "_is_object": _is_object,
-        "_problem": _problem,
         "_new": object.__new__,
     }
     for nested in _NESTED:
@@ -386,7 +311,7 @@ def decode_dict(obj: dict[str, Any]) -> Event:
         )
     try:
         event: Event = read(obj)
-    except _Malformed as exc:
+    except Malformed as exc:
         raise JournalError(f"malformed {kind} event {_preview(obj)}: {exc}") from None
     return event
 

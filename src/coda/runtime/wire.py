@@ -29,7 +29,7 @@ Every activation's answer is encoded by a worker and decoded by the
 supervisor, so commands and errors get readers and writers generated once, at
 import, from their `attrs.fields` (as `coda.journal.codec` does for events):
 straight-line code with a single type test a field on the path where the field
-is right. Reading is strict: a field of the wrong JSON type is a malformed
+is right, from the same checks as events' (`coda._strict`). Reading is strict: a field of the wrong JSON type is a malformed
 command, never converted (a string `cache_key` must not become a list of its
 letters, nor 1.5 an attempt number 1); the one conversion is an integer where
 a float is expected, as JSON does not tell them apart. Keys a reader does not
@@ -43,10 +43,11 @@ from __future__ import annotations
 
 import linecache
 from collections.abc import Callable
-from typing import Any, Final, get_type_hints
+from typing import Any, get_type_hints
 
 import attrs
 
+from coda._strict import CHECKS, NAMESPACE, Malformed
 from coda.errors import ProtocolError
 from coda.journal.events import ErrorInfo, RetryPolicy
 from coda.replay.engine import (
@@ -73,78 +74,10 @@ __all__ = [
 WORKER_LINK_MAX_FRAME_BYTES = 1024 * 1024 * 1024
 
 
-# TODO: the helpers below and the reader generator after them repeat those of
-# `coda.journal.codec` (whose errors name events, where these name commands).
-# A module of their own, used by both, would leave one place to fix a bug in
-# strict reading; until then a fix must be made in both files.
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING: Final = _Missing()
-
-
-class _Malformed(Exception):
-    """A field that cannot be read; the caller names what it was reading."""
-
-
-def _bad(path: str, expected: str, value: Any) -> _Malformed:
-    if value is _MISSING:
-        return _Malformed(f"required field missing @ {path}")
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:60] + "..."
-    return _Malformed(f"invalid value, expected {expected}, found {text} @ {path}")
-
-
-def _as_float(value: Any, path: str) -> float:
-    if type(value) is int:
-        try:
-            return float(value)
-        except OverflowError:
-            pass
-    raise _bad(path, "float", value)
-
-
-def _as_strings(value: Any, path: str) -> tuple[str, ...]:
-    if type(value) is not list:
-        raise _bad(path, "a list of str", value)
-    for index, item in enumerate(value):
-        if type(item) is not str:
-            raise _bad(f"{path}[{index}]", "str", item)
-    return tuple(value)
-
-
-def _is_object(value: Any) -> bool:
-    if type(value) is not dict:
-        return False
-    for key in value:  # noqa: SIM110 (a loop is quicker than all() of a generator)
-        if type(key) is not str:
-            return False
-    return True
-
-
-# How a field of each annotated type is read: `{x}` holds the value (or
-# `_MISSING`), `{path}` is the expression naming it in errors. A type missing
-# here fails at import, so that a new field cannot be read laxly by accident.
+# How a field of each annotated type is read (see `coda._strict`): the plain
+# types as events read them, the nested classes by their own reader.
 _READS: dict[Any, str] = {
-    int: "if type({x}) is not int: raise _bad({path}, 'int', {x})",
-    str: "if type({x}) is not str: raise _bad({path}, 'str', {x})",
-    float | None: (
-        "if type({x}) is not float and {x} is not None: {x} = _as_float({x}, {path})"
-    ),
-    float: "if type({x}) is not float: {x} = _as_float({x}, {path})",
-    Any: "if {x} is _MISSING: raise _bad({path}, 'a value', {x})",
-    dict[str, Any]: "if not _is_object({x}): raise _bad({path}, 'an object', {x})",
-    list[Any]: "if type({x}) is not list: raise _bad({path}, 'a list', {x})",
-    list[Any] | None: (
-        "if type({x}) is not list and {x} is not None:"
-        " raise _bad({path}, 'a list or null', {x})"
-    ),
-    tuple[str, ...]: "{x} = _as_strings({x}, {path})",
+    **CHECKS,
     RetryPolicy: "{x} = _read_RetryPolicy({x}, {path})",
     ErrorInfo: "{x} = _read_ErrorInfo({x}, {path})",
 }
@@ -165,7 +98,7 @@ def _source(cls: type, tag: str | None) -> str:
     hints = get_type_hints(cls)
     reads = [
         "def read(obj, where):",
-        "    if type(obj) is not dict: raise _bad(where, 'an object', obj)",
+        "    if type(obj) is not dict: raise _problem(where, 'an object', obj)",
     ]
     items = []
     for field in attrs.fields(cls):
@@ -207,13 +140,7 @@ def _generate(cls: type, tag: str | None, namespace: dict[str, Any]) -> None:
     namespace[f"_write_{cls.__name__}"] = local["write"]
 
 
-_CODE: dict[str, Any] = {
-    "_MISSING": _MISSING,
-    "_as_float": _as_float,
-    "_as_strings": _as_strings,
-    "_bad": _bad,
-    "_is_object": _is_object,
-}
+_CODE: dict[str, Any] = dict(NAMESPACE)
 _generate(RetryPolicy, None, _CODE)
 _generate(ErrorInfo, None, _CODE)
 _READERS: dict[str, Callable[[Any, str], Command]] = {}
@@ -237,7 +164,7 @@ def decode_command(obj: Any) -> Command:
         raise ProtocolError(f"not a command: {str(obj)[:200]}")
     try:
         return read(obj, "$")
-    except _Malformed as exc:
+    except Malformed as exc:
         raise ProtocolError(f"malformed {kind} command: {exc}") from None
 
 
@@ -248,5 +175,5 @@ def encode_error(error: ErrorInfo) -> dict[str, Any]:
 def decode_error(obj: Any) -> ErrorInfo:
     try:
         return _read_error(obj, "$")
-    except _Malformed as exc:
+    except Malformed as exc:
         raise ProtocolError(f"malformed error description: {exc}") from None
