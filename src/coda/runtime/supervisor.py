@@ -22,7 +22,19 @@ a transaction is being written share the next one.
 Workflow instances are hosted by workers. A run sticks to the worker that
 hosts it, which is fed only the run's new outcomes (`_FEEDS`); when that worker
 dies, another is sent the whole history and replays it. At most one activation
-per run is in flight, so an instance never sees events out of order.
+per run is in flight, so an instance never sees events out of order, and each
+carries a number that the host's answer repeats: an answer to an earlier one
+(sent before the run was reread, say) is stale and dropped.
+
+A new run's workflow code starts while its submission is being written (it
+acts on nothing itself), and the submission lingers, up to `LINGER`, for the
+code's first commands, so that both go out in one commit.
+
+A failed append. The journal refused a batch (a full disk): the runs it
+touched are ahead of the journal in memory. They are reread from it after a
+moment; meanwhile nothing is decided for them, since it could not continue
+their histories. Outcomes arriving for them are dropped, and once reread their
+tries that the journal has started and no worker holds run again.
 
 Recovery. At start-up every unfinished run is folded from the journal; tries
 that were running when the last supervisor died are recorded as interrupted
@@ -32,6 +44,11 @@ the code deployed now, and everything due is scheduled.
 Shutdown (SIGINT, SIGTERM). Stop taking clients, stop the workers, record the
 tries still running as interrupted, close the journal. Nothing acknowledged is
 lost; the interrupted tries run again at the next start.
+
+TODO: this module is half as long again as the ~800 lines a module should
+stay under, which makes it slow to review. The parts to move out, each into a
+class the supervisor owns: what clients ask for (submit, wait, cancel,
+reopen), and the dispatch of tries (pump, outcomes, lost workers, timeouts).
 """
 
 from __future__ import annotations
