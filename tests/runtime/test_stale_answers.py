@@ -100,3 +100,32 @@ async def _stale(tmp_path: Path) -> None:
         supervisor.pool.workers.clear()
         await supervisor.stop()
         await journal.close()
+
+
+def test_a_try_the_supervisor_stops_counting_is_cancelled_on_its_worker(
+    tmp_path: Path,
+) -> None:
+    asyncio.run(_forgotten_try(tmp_path))
+
+
+async def _forgotten_try(tmp_path: Path) -> None:
+    journal = await SQLiteJournal.open(tmp_path / "coda.db")
+    supervisor = Supervisor(journal, APP, load_app(APP), workers=0)
+    outbox = Outbox()
+    worker = WorkerHandle("w1", None, outbox, 0.0)  # type: ignore[arg-type]
+    supervisor.pool.workers.append(worker)
+    await supervisor.start()
+    try:
+        assert await supervisor.submit("quick", {"x": 4}, "r1") == ("r1", True)
+        state = supervisor.runs["r1"].state
+        # A try the worker holds whose start the journal does not have (its
+        # append failed): once the state is reread, the try is not counted.
+        worker.tries[("r1", 1, 5, 1)] = None
+        supervisor._reconcile_tries("r1", state)
+        assert ("r1", 1, 5, 1) not in worker.tries
+        cancels = [m for m in outbox.sent if m["op"] == "cancel"]
+        assert cancels == [{"op": "cancel", "run": "r1", "try": [1, 5, 1]}]
+    finally:
+        supervisor.pool.workers.clear()
+        await supervisor.stop()
+        await journal.close()

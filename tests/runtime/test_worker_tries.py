@@ -47,6 +47,13 @@ def wait_for_gate(mark: str) -> str:
     return mark
 
 
+@coda.task(registry=registry)
+async def wait_async(mark: str) -> str:
+    seen_threads.append(mark)
+    await asyncio.sleep(10)
+    return mark
+
+
 FATAL = {
     "exit": SystemExit(3),
     "interrupt": KeyboardInterrupt(),
@@ -189,10 +196,14 @@ async def test_cancel_fails_the_tries_and_drops_what_they_return() -> None:
     worker.threads.shutdown()
 
 
-async def _cancel(worker: Worker, run: str) -> None:
+async def _cancel(worker: Worker, run: str, only: list[int] | None = None) -> None:
+    message: dict[str, Any] = {"op": "cancel", "run": run}
+    if only is not None:
+        message["try"] = only
+
     class OneMessage:
         def __init__(self) -> None:
-            self.messages: list[dict[str, Any] | None] = [{"op": "cancel", "run": run}]
+            self.messages: list[dict[str, Any] | None] = [message]
 
         async def recv(self) -> dict[str, Any] | None:
             return self.messages.pop(0) if self.messages else None
@@ -336,4 +347,26 @@ async def test_started_threads_wait_for_tries_and_no_more_are_made() -> None:
     assert len(_try_threads(worker)) == 3
     worker.threads.start_all()  # every slot has its thread already
     assert len(_try_threads(worker)) == 3
+    worker.threads.shutdown()
+
+
+@on_loop
+async def test_one_try_of_a_run_is_cancelled_and_its_others_go_on() -> None:
+    worker, conn = _worker(threads=2, name="one-of-many")
+    worker._start_try(_try("wait_for_gate", run="r", step=0, mark="kept"))
+    worker._start_try(_try("wait_for_gate", run="r", step=1, mark="dropped"))
+    worker._start_try(_try("wait_async", run="r", step=2, mark="async"))
+    await asyncio.sleep(0.1)
+    await _cancel(worker, "r", only=[1, 1, 1])
+    await _cancel(worker, "r", only=[1, 2, 1])
+    await _cancel(worker, "r", only=[1, 7, 1])  # not here: nothing happens
+    outcomes = await _outcomes(conn, 2)
+    assert sorted((m["step"], m["ok"]) for m in outcomes) == [(1, False), (2, False)]
+    assert all("CancelledError" in m["error"]["type"] for m in outcomes)
+    gate.set()
+    outcomes = await _outcomes(conn, 3)
+    assert (outcomes[2]["step"], outcomes[2]["result"]) == (0, "kept")
+    await asyncio.sleep(0.05)
+    assert len(conn.sent) == 3  # the cancelled thread's return is dropped
+    assert not worker.by_run
     worker.threads.shutdown()

@@ -504,7 +504,13 @@ class Supervisor:
                 if running:
                     held.add(key[1:])
                 else:
+                    # Its slot is counted free from now on: the worker must
+                    # not keep a thread busy with it (nor report it).
                     del worker.tries[key]
+                    if worker.alive:
+                        worker.conn.send(
+                            {"op": "cancel", "run": run_id, "try": list(key[1:])}
+                        )
                     if worker.exclusive:
                         worker.exclusive = False
         if state is None:

@@ -78,16 +78,13 @@ class Worker:
             if op == "task":
                 self._start_try(msg)
             elif op == "cancel":
-                # The run ended (cancelled, or done without awaiting this task).
+                # The run ended (cancelled, or done without awaiting this task),
+                # or, with "try", the supervisor no longer counts that one try.
                 # TODO: a plain-def task keeps running in its thread: Python
                 # cannot stop a thread, so its side effects still happen, and
                 # the worker carries an extra thread (its slot goes to a new
                 # one, see `_TryThreads.abandon`) until the function returns.
-                for running in self.by_run.pop(msg["run"], ()):
-                    if isinstance(running, _ThreadTry):
-                        self._cancel_thread_try(running)
-                    else:
-                        running.cancel()
+                self._cancel(msg["run"], msg.get("try"))
             elif op == "activate":
                 self._activate(msg)
             elif op == "drop":
@@ -96,6 +93,20 @@ class Worker:
                 self.conn.send({"op": "pong"})
             else:
                 logger.warning("worker %s ignores unknown message %r", self.name, op)
+
+    def _cancel(self, run_id: str, only: list[int] | None) -> None:
+        """Cancel the run's tries here, or only the one keyed [attempt, step, try]."""
+        tries = self.by_run.get(run_id, set())
+        for running in list(tries):
+            if only is not None and _key_of(running) != tuple(only):
+                continue
+            tries.discard(running)
+            if isinstance(running, _ThreadTry):
+                self._cancel_thread_try(running)
+            else:
+                running.cancel()
+        if not tries:
+            self.by_run.pop(run_id, None)
 
     def _forget(self, run_id: str, running: asyncio.Task[None] | _ThreadTry) -> None:
         tries = self.by_run.get(run_id)
@@ -163,7 +174,8 @@ class Worker:
             self.threads.submit(job)
             return
         # An `async def` task, or an unknown name (its failure is the outcome).
-        task = asyncio.create_task(self._run_task(msg))
+        key = (msg["attempt"], msg["step"], msg["try"])
+        task = asyncio.create_task(self._run_task(msg), name=_TASK_NAME.format(*key))
         self.running.add(task)
         task.add_done_callback(self.running.discard)
         self.by_run.setdefault(msg["run"], set()).add(task)
@@ -207,6 +219,20 @@ class Worker:
             return
         self.conn.send(reply)
         faults.crash_point("worker.outcome_sent")
+
+
+# An `async def` try's asyncio task is named after its key, which is how a
+# cancel of one try finds it.
+_TASK_NAME = "coda try {} {} {}"
+
+
+def _key_of(running: asyncio.Task[None] | _ThreadTry) -> tuple[int, int, int]:
+    """(attempt, step, try) of a running try."""
+    if isinstance(running, _ThreadTry):
+        msg = running.msg
+        return (msg["attempt"], msg["step"], msg["try"])
+    attempt, step, number = running.get_name().split()[2:]
+    return (int(attempt), int(step), int(number))
 
 
 class _ThreadTry:
