@@ -103,25 +103,19 @@ def summarize(raw: Path, top: int = 15) -> str:
     return "\n".join(out)
 
 
-async def _workload(name: str, runs: int, raw: Path, rate: int) -> float:
+def _py_spy(raw: Path, rate: int, *target: str) -> list[str]:
+    """`py-spy record` of `target` (`--pid N`, or `-- command...`), raw stacks."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    options = ["--subprocesses", "--format", "raw", "--rate", str(rate)]
+    return [py_spy, "record", *options, "--output", str(raw), *target]
+
+
+async def _workload(name: str, runs: int, raw: Path, rate: int) -> float:
     with temp_dir("profile") as tmp:
         async with CodaServer(tmp / "coda.db") as server:
             client = await server.client()
             spy = subprocess.Popen(
-                [
-                    py_spy,
-                    "record",
-                    "--pid",
-                    str(server.pid),
-                    "--subprocesses",
-                    "--format",
-                    "raw",
-                    "--rate",
-                    str(rate),
-                    "--output",
-                    str(raw),
-                ],
+                _py_spy(raw, rate, "--pid", str(server.pid)),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
@@ -156,7 +150,6 @@ async def _recovery(raw: Path, rate: int) -> float:
     from benchmarks import journal_builder, w4_recovery
     from benchmarks.harness import REPO, python_env
 
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     source = await asyncio.to_thread(
         journal_builder.cached_journal,
         w4_recovery.FINISHED_EVENTS,
@@ -167,16 +160,7 @@ async def _recovery(raw: Path, rate: int) -> float:
         started = time.perf_counter()
         spy = subprocess.Popen(
             [
-                py_spy,
-                "record",
-                "--subprocesses",
-                "--format",
-                "raw",
-                "--rate",
-                str(rate),
-                "--output",
-                str(raw),
-                "--",
+                *_py_spy(raw, rate, "--"),
                 sys.executable,
                 "-m",
                 "coda",

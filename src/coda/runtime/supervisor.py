@@ -375,10 +375,7 @@ class Supervisor:
             if self._linger is None:
                 self._linger = loop.call_later(self.LINGER, self._flush)
         elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            if self._linger is not None:
-                self._linger.cancel()
-                self._linger = None
+            self._flush_scheduled = True  # `_flush` also ends any linger
             loop.call_soon(self._flush)
         return done
 
@@ -542,7 +539,10 @@ class Supervisor:
     def _record(
         self, run: LiveRun, events: list[Event], *, linger: bool = False
     ) -> asyncio.Future[bool]:
-        """Queue one run's new events; act on them once durable."""
+        """Queue one run's new events; act on them once durable.
+
+        A run being reread records nothing (the future says False at once).
+        """
         if not events or run.reloading:
             done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             done.set_result(not run.reloading)
@@ -802,18 +802,16 @@ class Supervisor:
 
     def _on_resync(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
         """The host lost the run's instance: send it the whole history again."""
-        if self._answering(worker, msg) is None:
-            return
-        run = self._unhost(worker, msg["run"])
+        run = self._answering(worker, msg)
         if run is not None:
+            self._unhost(worker, run.run_id)
             self._activate(run)
 
     def _on_diverged(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
-        if self._answering(worker, msg) is None:
-            return
-        run = self._unhost(worker, msg["run"])
+        run = self._answering(worker, msg)
         if run is None:
             return
+        self._unhost(worker, run.run_id)
         error = decode_error(msg["error"])
         logger.error(
             "run %s parked: %s. Deploy fixed code, then `coda resume %s` or "
