@@ -349,6 +349,7 @@ class Connection:
         self._decoder = FrameDecoder(max_frame_bytes)
         self._received: collections.deque[Message] = collections.deque()
         self._outgoing: list[bytes] = []
+        self._outgoing_bytes = 0
         self._flush_scheduled = False
         self._eof = False
         self._closed = False
@@ -425,6 +426,7 @@ class Connection:
         if self._closed:
             raise ConnectionClosed(f"cannot send to {self.name}: connection closed")
         self._outgoing.append(frames)
+        self._outgoing_bytes += len(frames)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -435,13 +437,13 @@ class Connection:
             return
         data = b"".join(self._outgoing)
         self._outgoing.clear()
+        self._outgoing_bytes = 0
         # After the peer has gone the transport drops writes; `drain` reports it.
         self.writer.write(data)
 
     def backlog(self) -> int:
         """Bytes queued for the peer and not yet taken by the kernel."""
-        queued = sum(len(frames) for frames in self._outgoing)
-        return queued + self.writer.transport.get_write_buffer_size()
+        return self._outgoing_bytes + self.writer.transport.get_write_buffer_size()
 
     async def drain(self) -> None:
         """Write what is queued and wait until the transport has room again.
