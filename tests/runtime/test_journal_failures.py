@@ -69,7 +69,8 @@ async def _scenario(path: Path) -> None:
                 print(
                     "WORKER", w.name, w.alive, w.exclusive, list(w.tries), len(w.hosted)
                 )
-            print("READY", list(supervisor._ready)[:10], len(supervisor._queued))
+            dispatcher = supervisor.dispatcher
+            print("READY", list(dispatcher._ready)[:10], len(dispatcher._queued))
             raise
         results = {}
         for run_id, summary in zip(acked, summaries, strict=True):

@@ -121,7 +121,7 @@ async def _forgotten_try(tmp_path: Path) -> None:
         # A try the worker holds whose start the journal does not have (its
         # append failed): once the state is reread, the try is not counted.
         worker.tries[("r1", 1, 5, 1)] = None
-        supervisor._reconcile_tries("r1", state)
+        supervisor.dispatcher.reconcile_tries("r1", state)
         assert ("r1", 1, 5, 1) not in worker.tries
         cancels = [m for m in outbox.sent if m["op"] == "cancel"]
         assert cancels == [{"op": "cancel", "run": "r1", "try": [1, 5, 1]}]

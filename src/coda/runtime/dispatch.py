@@ -1,0 +1,396 @@
+"""The dispatch of tries: which worker runs which due step, and what came of it.
+
+The supervisor queues a run's steps here as they become due (`queue`), in
+that order, each once. `pump` starts as many as the workers have room for:
+it records a `TaskStarted` for each, and all of them go to the journal in one
+append. A try is sent to its worker only once its start is durable (the
+supervisor's write-ahead rule), so a crash can lose a try the journal has
+started, which then runs again, but never run one the journal does not know.
+
+A try sent to a worker stays in the worker's `tries`, with its deadline, until
+its outcome arrives; that is all the bookkeeping of tries in flight, and the
+slots a worker has free. An outcome becomes the step's result or failure
+(`coda.decide`), recorded like any other decision. An outcome of a run being
+reread from the journal after a failed append is dropped: once reread, the
+run's tries that the journal has started and no worker holds run again
+(`reconcile_tries`).
+
+A worker that dies ends its tries: who pays for them is said in
+`reschedule_lost`. A step whose try died with others on one worker is a
+suspect, and its next try runs alone, so that a task that kills its worker is
+found out. A watchdog kills workers that hang: a try past its timeout, or no
+answer to heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from coda import decide
+from coda.errors import Interrupted, TaskTimeout
+from coda.journal.events import ErrorInfo, Event
+from coda.runtime import faults
+from coda.runtime.pool import TryKey, WorkerHandle, WorkerPool
+from coda.runtime.runs import LiveRun, Stats, feeds
+from coda.runtime.wire import decode_error
+from coda.state import RunState, StepState, StepStatus
+
+__all__ = ["Dispatcher"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_due(state: RunState, step: StepState, now: float) -> bool:
+    if step.attempt != state.attempt or state.status.finished:
+        return False
+    if step.status is StepStatus.SCHEDULED:
+        return True
+    return step.status is StepStatus.BACKOFF and (step.retry_at or 0.0) <= now
+
+
+class Dispatcher:
+    """The supervisor's ready queue and tries in flight.
+
+    It shares the supervisor's runs, pool and counters, and records through
+    the supervisor's `write` (events of several runs, then a step once they
+    are durable) and `record` (one run's events, acted on once durable).
+    """
+
+    def __init__(
+        self,
+        runs: dict[str, LiveRun],
+        pool: WorkerPool,
+        stats: Stats,
+        *,
+        write: Callable[
+            [list[Event], Iterable[LiveRun], Callable[[], None] | None],
+            asyncio.Future[bool],
+        ],
+        record: Callable[[LiveRun, list[Event]], asyncio.Future[bool]],
+        clock: Callable[[], float],
+        max_tries_per_worker: int,
+        default_task_timeout: float | None,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+    ) -> None:
+        self.runs = runs
+        self.pool = pool
+        self.stats = stats
+        self._write = write
+        self._record = record
+        self.clock = clock
+        self.max_tries_per_worker = max_tries_per_worker
+        self.default_task_timeout = default_task_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        # Steps waiting for a worker with room, in the order they became due.
+        self._ready: collections.deque[tuple[str, int, int]] = collections.deque()
+        self._queued: set[tuple[str, int, int]] = set()
+        # Steps whose last try died with others on one worker: they run alone.
+        self._suspects: set[tuple[str, int, int]] = set()
+        # Set once the supervisor stops: no try is started any more.
+        self.stopping = False
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start watching the workers for tries past their timeout and silence."""
+        self._watchdog = asyncio.create_task(self._watch_timeouts())
+
+    def stop(self) -> None:
+        """Start no more tries, and stop watching the workers."""
+        self.stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def queue(self, run: LiveRun, step: StepState) -> None:
+        key = (run.run_id, step.attempt, step.step)
+        if key not in self._queued:
+            self._queued.add(key)
+            self._ready.append(key)
+
+    def pump(self) -> None:
+        """Start due steps on workers with room: one commit, then send them.
+
+        A suspect step (it was on a worker that died with other tries) runs
+        alone on a worker, so that a task that kills its worker is found out
+        and charged, and the tasks that merely shared the worker are not.
+        """
+        if self.stopping or not self._ready:
+            return
+        now = self.clock()
+        starts: list[tuple[WorkerHandle, LiveRun, StepState]] = []
+        events: list[Event] = []
+        deferred: list[tuple[str, int, int]] = []
+        while self._ready:
+            open_workers = [
+                w
+                for w in self.pool.workers
+                if w.alive
+                and not w.exclusive
+                and len(w.tries) < self.max_tries_per_worker
+            ]
+            if not open_workers:
+                break
+            key = self._ready.popleft()
+            run = self.runs.get(key[0])
+            step = run.state.steps.get((key[1], key[2])) if run else None
+            if (
+                run is None
+                or run.reloading  # scanned again once reread
+                or step is None
+                or not _is_due(run.state, step, now)
+            ):
+                self._queued.discard(key)
+                continue
+            if key in self._suspects:
+                idle = [w for w in open_workers if not w.tries]
+                if not idle:
+                    deferred.append(key)
+                    continue
+                worker = idle[0]
+                worker.exclusive = True
+            else:
+                worker = min(open_workers, key=lambda w: len(w.tries))
+            self._queued.discard(key)
+            started = decide.start_task(run.state, step, worker.name, now)
+            run.history += started
+            events += started
+            timeout = step.timeout or self.default_task_timeout
+            worker.tries[(run.run_id, step.attempt, step.step, step.try_number)] = (
+                now + timeout if timeout else None
+            )
+            starts.append((worker, run, step))
+        self._ready.extendleft(reversed(deferred))
+        if starts:
+            runs = {run.run_id: run for _, run, _ in starts}.values()
+            self._write(events, runs, lambda: self._send_tries(starts))
+
+    def _send_tries(
+        self, starts: list[tuple[WorkerHandle, LiveRun, StepState]]
+    ) -> None:
+        """Hand tries to their workers, now that their starts are durable."""
+        for worker, run, step in starts:
+            key = (run.run_id, step.attempt, step.step, step.try_number)
+            if not worker.alive or key not in worker.tries:
+                continue  # lost meanwhile: the loss rescheduled it
+            worker.conn.send(
+                {
+                    "op": "task",
+                    "run": run.run_id,
+                    "attempt": step.attempt,
+                    "step": step.step,
+                    "try": step.try_number,
+                    "task": step.task,
+                    "args": step.args,
+                }
+            )
+            self.stats.tasks_dispatched += 1
+        faults.crash_point("supervisor.after_dispatch")
+
+    def on_outcome(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        faults.crash_point("supervisor.outcome_received")
+        key: TryKey = (msg["run"], msg["attempt"], msg["step"], msg["try"])
+        if worker.tries.pop(key, "missing") == "missing":
+            return  # a try this worker no longer owns (timed out, say)
+        if worker.exclusive:
+            worker.exclusive = False
+            self._suspects.discard(key[:3])
+        run = self.runs.get(key[0])
+        if run is not None and not run.reloading:
+            now = self.clock()
+            if msg.get("ok"):
+                events = decide.on_task_result(
+                    run.state, *key[1:], msg.get("result"), now
+                )
+            else:
+                error = decode_error(msg.get("error"))
+                events = decide.on_task_failure(run.state, *key[1:], error, now)
+            self._record(run, events)
+        self.pump()
+
+    def reschedule_lost(
+        self, worker: WorkerHandle
+    ) -> tuple[asyncio.Future[bool], dict[str, LiveRun]]:
+        """Record the end of a dead worker's tries, so that they run again.
+
+        Returns whether that is durable, and the runs it touched.
+
+        Who pays: a try we killed for running past its timeout fails with
+        `TaskTimeout`; the others we killed with it were innocent and are
+        interrupted for free. A worker that died on its own (a crash, running
+        out of memory, a hung loop) charges every try it ran against that
+        task's lost-worker budget; when it ran several, each becomes a suspect
+        and runs alone next time, so that the next crash names the culprit.
+        """
+        now = self.clock()
+        tries = list(worker.tries)
+        worker.tries.clear()
+        touched: dict[str, LiveRun] = {}
+        batch: list[Event] = []
+        for key in tries:
+            run_id, attempt, step_no, try_number = key
+            run = self.runs.get(run_id)
+            if run is None:
+                continue
+            step = run.state.steps.get((attempt, step_no))
+            task = step.task if step else "?"
+            if worker.killed_for == key:
+                error = ErrorInfo.from_exception(TaskTimeout(worker.lost_reason))
+            elif worker.killed_for is not None:
+                error = ErrorInfo.from_exception(
+                    Interrupted(
+                        f"worker {worker.name} was replaced: {worker.lost_reason}"
+                    )
+                )
+            else:
+                error = decide.lost_worker_error(task, worker.lost_reason)
+                if len(tries) > 1:
+                    self._suspects.add(key[:3])
+            events = decide.on_task_failure(
+                run.state, attempt, step_no, try_number, error, now
+            )
+            run.history += events
+            run.outbox += [e for e in events if feeds(e)]
+            batch += events
+            touched[run_id] = run
+        return self._write(batch, list(touched.values()), None), touched
+
+    def reconcile_tries(self, run_id: str, state: RunState | None) -> list[StepState]:
+        """Keep the workers' tries of a run that its durable state knows running;
+        return the steps that state has running with no worker holding them."""
+        held: set[tuple[int, int, int]] = set()
+        for worker in self.pool.workers:
+            for key in [k for k in worker.tries if k[0] == run_id]:
+                step = state.steps.get(key[1:3]) if state is not None else None
+                running = (
+                    step is not None
+                    and step.status is StepStatus.STARTED
+                    and step.try_number == key[3]
+                )
+                if running:
+                    held.add(key[1:])
+                else:
+                    # Its slot is counted free from now on: the worker must
+                    # not keep a thread busy with it (nor report it).
+                    del worker.tries[key]
+                    if worker.alive:
+                        worker.conn.send(
+                            {"op": "cancel", "run": run_id, "try": list(key[1:])}
+                        )
+                    if worker.exclusive:
+                        worker.exclusive = False
+        if state is None:
+            return []
+        return [
+            step
+            for step in state.steps.values()
+            if step.status is StepStatus.STARTED
+            and (step.attempt, step.step, step.try_number) not in held
+        ]
+
+    def rerun_orphans(self, run: LiveRun) -> None:
+        """Once a run is reread, run again its tries that no worker holds."""
+        orphans = self.reconcile_tries(run.run_id, run.state)
+        # A try whose start is durable but which no worker runs any more
+        # (its outcome arrived and could not be recorded) runs again.
+        error = ErrorInfo.from_exception(
+            Interrupted("its outcome could not be recorded; it runs again")
+        )
+        events: list[Event] = []
+        for step in orphans:
+            events += decide.on_task_failure(
+                run.state,
+                step.attempt,
+                step.step,
+                step.try_number,
+                error,
+                self.clock(),
+            )
+        if events:
+            self._record(run, events)
+
+    def cancel_tries(self, run_id: str) -> None:
+        """Forget every try of a run that ended, and cancel them on their workers."""
+        for worker in self.pool.workers:
+            mine = [key for key in worker.tries if key[0] == run_id]
+            if mine:
+                for key in mine:
+                    del worker.tries[key]
+                if worker.alive:
+                    worker.conn.send({"op": "cancel", "run": run_id})
+
+    async def _watch_timeouts(self) -> None:
+        """Kill workers that hang: a try past its timeout, or no heartbeat.
+
+        A plain-def task stuck in a loop shows as a try past its timeout; an
+        `async def` task that blocks the worker's event loop also stops the
+        worker answering pings.
+        """
+        last_ping = 0.0
+        last_tick = time.monotonic()
+        while True:
+            await asyncio.sleep(0.1)
+            now = self.clock()
+            mono = time.monotonic()
+            stalled = mono - last_tick - 0.1
+            last_tick = mono
+            if stalled > 1.0:
+                # The supervisor itself was not running (SIGSTOP, a paused VM):
+                # the workers' answers wait unread, so nobody is late but us.
+                logger.warning(
+                    "supervisor stalled for %.1fs; extending heartbeats and timeouts",
+                    stalled,
+                )
+                for worker in self.pool.workers:
+                    worker.last_pong = mono
+                    for key, deadline in worker.tries.items():
+                        if deadline is not None:
+                            worker.tries[key] = deadline + stalled
+                continue
+            ping = mono - last_ping >= self.heartbeat_interval
+            if ping:
+                last_ping = mono
+            for worker in list(self.pool.workers):
+                if not worker.alive or worker.killed_for is not None:
+                    continue
+                late = [
+                    k
+                    for k, deadline in worker.tries.items()
+                    if deadline and deadline < now
+                ]
+                if late:
+                    self._kill_for_timeout(worker, late[0])
+                elif mono - worker.last_pong > self.heartbeat_timeout:
+                    logger.warning(
+                        "worker %s answered no heartbeat for %.1fs; killing it",
+                        worker.name,
+                        mono - worker.last_pong,
+                    )
+                    self.pool.kill(
+                        worker,
+                        f"unresponsive: no heartbeat for {self.heartbeat_timeout:.0f}s",
+                    )
+                elif ping:
+                    worker.conn.send({"op": "ping"})
+
+    def _kill_for_timeout(self, worker: WorkerHandle, key: TryKey) -> None:
+        run_id, attempt, step_no, _ = key
+        run = self.runs.get(run_id)
+        step = run.state.steps.get((attempt, step_no)) if run else None
+        task = step.task if step else "?"
+        timeout = (step.timeout if step else None) or self.default_task_timeout
+        logger.warning(
+            "task %s of run %s ran past its timeout of %ss; replacing worker %s",
+            task,
+            run_id,
+            timeout,
+            worker.name,
+        )
+        self.pool.kill(
+            worker, f"task {task} ran past its timeout of {timeout}s", culprit=key
+        )
