@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import coda.journal._sqlite_schema as schema
 import coda.journal._sqlite_writer as writer_module
+import coda.journal.sqlite as sqlite_module
 from coda.errors import JournalError, JournalVersionError, RunNotFound
 from coda.journal.codec import decode, encode
 from coda.journal.events import (
@@ -214,6 +215,44 @@ def test_calls_queued_together_share_one_transaction(tmp_path: Path) -> None:
 
     before, after = run_async(tmp_path / "j.db", body)
     assert after - before == 1
+
+
+def test_small_batches_are_written_by_the_loop_only_while_the_writer_is_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writing_threads: list[str] = []
+    write = writer_module.Writer.write
+
+    def recording_write(self: writer_module.Writer, batch: Any) -> None:
+        writing_threads.append(threading.current_thread().name)
+        write(self, batch)
+
+    monkeypatch.setattr(writer_module.Writer, "write", recording_write)
+
+    async def body(journal: SQLiteJournal) -> list[int]:
+        assert journal._writer is not None
+        await journal.append(completed_run("small"))  # 3 events: this thread
+        large = [submitted(f"large-{i}") for i in range(sqlite_module.SMALL_BATCH + 1)]
+        await journal.append(large)  # one more than SMALL_BATCH: the writer's
+        # The writer's thread busy (as with a checkpoint of its own): a small
+        # batch waits for it and goes there, never beside it.
+        release = threading.Event()
+        blocker = journal._writer.submit(lambda _: release.wait(10))
+        waiting = asyncio.ensure_future(journal.append(completed_run("behind")))
+        await asyncio.sleep(0.05)
+        stuck = [ro_count(tmp_path / "j.db", "behind"), int(waiting.done())]
+        release.set()
+        await waiting
+        assert blocker.result() is True
+        return stuck
+
+    stuck = run_async(tmp_path / "j.db", body)
+    assert stuck == [0, 0]
+    loop_thread = threading.main_thread().name
+    assert writing_threads[0] == loop_thread
+    assert writing_threads[1].startswith("coda-journal-writer")
+    assert writing_threads[2].startswith("coda-journal-writer")
+    assert len(writing_threads) == 3
 
 
 def test_a_caller_that_stops_waiting_does_not_disturb_the_writer(

@@ -362,11 +362,14 @@ async def inspect(path: Path, *, migrate: bool) -> None:
 def open_writer(path: Path, synchronous: str) -> sqlite3.Connection:
     """The writer's connection: the file created or migrated, in WAL mode.
 
-    Blocking: `coda.journal.sqlite` calls it on the writer's own thread, the
-    only thread that ever uses the connection.
+    Blocking: `coda.journal.sqlite` calls it on the writer's own thread. The
+    connection is then used by one thread at a time, that one or the event
+    loop's (see `_sqlite_writer.Writer`).
     """
     try:
-        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        db = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
     except sqlite3.Error as exc:
         raise JournalError(f"cannot open journal {path} for writing: {exc}") from exc
     try:

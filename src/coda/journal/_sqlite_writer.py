@@ -284,10 +284,12 @@ class Batch:
 
 
 class Writer:
-    """The writer's connection, and the one thread that ever touches it.
+    """The writer's connection, and the thread that does its work.
 
-    See "The writer's thread" in `coda.journal.sqlite`. `keys` belongs to the
-    thread too: only `write` reads or changes it.
+    See "The writer's thread" in `coda.journal.sqlite`. The connection and
+    `keys` are used by one thread at a time: the writer's thread, or the event
+    loop's for a small batch written while that thread is idle (`idle`), never
+    both. Only `write` reads or changes `keys`.
     """
 
     def __init__(self, path: Path) -> None:
@@ -295,17 +297,25 @@ class Writer:
         self.keys: dict[str, int] = {}
         self._db: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="coda-journal-writer")
+        # The last job handed to the thread: it runs them in order, so once
+        # this one is done the thread is idle.
+        self._last_job: Future[Any] | None = None
         self.checkpointer: Checkpointer | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Whether the thread has nothing to do, so that another may write."""
+        job = self._last_job
+        return job is None or job.done()
 
     async def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """`fn(connection)`, on the writer's thread."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._call, fn
-        )
+        return await asyncio.wrap_future(self.submit(fn))
 
     def submit(self, fn: Callable[[sqlite3.Connection], _T]) -> Future[_T]:
         """`fn(connection)`, started on the writer's thread; its outcome to come."""
-        return self._thread.submit(self._call, fn)
+        job = self._last_job = self._thread.submit(self._call, fn)
+        return job
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._db is None:
@@ -355,7 +365,10 @@ class Writer:
             self._thread.shutdown(wait=False)
 
     def write(self, batch: Batch) -> None:
-        """Commit `batch` in one transaction, or nothing of it. On the thread."""
+        """Commit `batch` in one transaction, or nothing of it.
+
+        On the writer's thread, or on the event loop's while that is `idle`.
+        """
         db, keys = self._db, self.keys
         if db is None:
             raise JournalError(f"journal {self.path} is closed for writing")
@@ -404,7 +417,7 @@ class Writer:
                 # next transaction: the executor runs its jobs in order.
                 mode, checkpointer.wanted = checkpointer.wanted, None
                 with suppress(RuntimeError):  # closing: it checkpoints anyway
-                    self._thread.submit(self._checkpoint, mode)
+                    self._last_job = self._thread.submit(self._checkpoint, mode)
 
         for run_id in batch.finished:
             keys.pop(run_id, None)

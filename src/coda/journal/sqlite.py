@@ -85,6 +85,20 @@ run it does not know is looked up once, in the transaction. A finished run is
 forgotten (a reopened one is looked up again), and the table is halved past
 `KEYS_MAX` runs, so that it stays small however many runs pass through.
 
+Small batches
+-------------
+On a quiet system a transaction holds a few events, and handing it to the
+writer's thread and hearing back cost more than writing it: two wake-ups of
+a sleeping thread, about 55 us at the median on this 2-core machine, against
+50 us for the whole commit at `synchronous=OFF` and 120-300 us at FULL. So a
+batch of at most `SMALL_BATCH` events is written on the event loop's thread
+itself when the writer's thread has nothing to do (`Writer.idle`: no
+checkpoint of its running). The loop waits for the disk meanwhile, as the
+callers of that batch do anyway; what else arrives in that time goes into the
+next batch. Under load the batches are larger and go to the thread, so that
+the loop prepares the next batch while the disk syncs this one. An append's
+latency on an idle journal, p50: 149 -> 55 us at OFF.
+
 Failures
 --------
 Each call is atomic, but one bad call must not take a thousand good ones down
@@ -185,6 +199,9 @@ __all__ = ["SYNCHRONOUS_MODES", "SQLiteJournal", "read_history_sync", "read_runs
 logger = logging.getLogger(__name__)
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL")
+# Events at most in a batch written on the event loop's thread (see "Small
+# batches" above).
+SMALL_BATCH = 16
 
 
 class SQLiteJournal:
@@ -209,7 +226,6 @@ class SQLiteJournal:
         # The calls being written, or being retried after a failure; None
         # while the writer's thread is idle.
         self._writing: list[Append] | None = None
-        self._written: Future[None] | None = None  # that transaction's outcome
         self._started = 0.0
         self._recovery: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()  # nothing being written
@@ -317,31 +333,41 @@ class SQLiteJournal:
             self._start()
 
     def _start(self) -> None:
-        """Hand the next batch to the writer's thread, which must be idle."""
+        """Write the next batch; nothing may be being written.
+
+        A batch of a few events is written right here when the writer's
+        thread is idle (see "Small batches"); any other goes to that thread.
+        """
         calls = self._take_batch()
         self._writing = calls
         self._idle.clear()
         writer, loop = self._writer, asyncio.get_running_loop()
         assert writer is not None
         self._started = time.perf_counter()
+        if writer.idle and sum(len(call.rows) for call in calls) <= SMALL_BATCH:
+            try:
+                writer.write(Batch(calls))
+            except BaseException as exc:
+                self._ended(exc)
+            else:
+                self._ended(None)
+            return
         try:
             written = writer.submit(lambda _: writer.write(Batch(calls)))
         except BaseException as exc:
             self._give_up(calls, exc)
             self._next()
             return
-        self._written = written
 
         def done(written: Future[None]) -> None:  # on the writer's thread
             with suppress(RuntimeError):  # the event loop is closed
-                loop.call_soon_threadsafe(self._finished, written)
+                loop.call_soon_threadsafe(self._ended, written.exception())
 
         written.add_done_callback(done)
 
-    def _finished(self, written: Future[None]) -> None:
-        """Release the callers of a transaction that ended; start the next one."""
-        calls, self._written = self._writing or [], None
-        exc = written.exception()
+    def _ended(self, exc: BaseException | None) -> None:
+        """Release the callers of the transaction that ended; start the next one."""
+        calls = self._writing or []
         if exc is not None:
             self._recovery = asyncio.get_running_loop().create_task(
                 self._recover(calls, exc), name=f"coda journal recovery {self.path}"
