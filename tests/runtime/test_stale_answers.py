@@ -80,8 +80,8 @@ async def _stale(tmp_path: Path) -> None:
         # The run is taken from its host and hosted there again (as after a
         # reread): activation 2 is in flight, and activation 1's answer
         # arrives only now.
-        supervisor._unhost(worker, "r1")
-        supervisor._activate(run)
+        supervisor.activations.unhost(worker, "r1")
+        supervisor.activations.activate(run)
         assert [m["n"] for m in outbox.sent if m["op"] == "activate"] == [1, 2]
         supervisor._on_worker_message(worker, _schedule("r1", 1, x=99))
         await asyncio.sleep(0.05)

@@ -36,7 +36,7 @@ from coda.errors import Interrupted, TaskTimeout
 from coda.journal.events import ErrorInfo, Event
 from coda.runtime import faults
 from coda.runtime.pool import TryKey, WorkerHandle, WorkerPool
-from coda.runtime.runs import LiveRun, Stats, feeds
+from coda.runtime.runs import LiveRun, Record, Stats, feeds
 from coda.runtime.wire import decode_error
 from coda.state import RunState, StepState, StepStatus
 
@@ -71,7 +71,7 @@ class Dispatcher:
             [list[Event], Iterable[LiveRun], Callable[[], None] | None],
             asyncio.Future[bool],
         ],
-        record: Callable[[LiveRun, list[Event]], asyncio.Future[bool]],
+        record: Record,
         clock: Callable[[], float],
         max_tries_per_worker: int,
         default_task_timeout: float | None,

@@ -30,23 +30,14 @@ from coda import decide
 from coda.definitions import Registry, WorkflowDef
 from coda.errors import JournalError, RunIdConflict, RunNotFound
 from coda.journal.base import Journal, RunSummary, summarize
-from coda.journal.events import Event
-from coda.runtime.runs import LiveRun, Stats
+from coda.runtime.runs import LiveRun, Record, Stats
 from coda.state import RunStatus, fold
 
 __all__ = ["Requests"]
 
 
-class _Record(Protocol):
-    """`Supervisor._record`: queue one run's events, act on them once durable."""
-
-    def __call__(
-        self, run: LiveRun, events: list[Event], *, linger: bool = ...
-    ) -> asyncio.Future[bool]: ...
-
-
 class _Activate(Protocol):
-    """`Supervisor._activate`: feed the run's instance what it has not seen."""
+    """`Activations.activate`: feed the run's instance what it has not seen."""
 
     def __call__(self, run: LiveRun, *, early: bool = ...) -> None: ...
 
@@ -65,7 +56,7 @@ class Requests:
 
     It shares the supervisor's runs, waiters and counters, records through
     the supervisor's `record` (one run's events, acted on once durable), and
-    starts a new run's workflow code with its `activate`.
+    starts a new run's workflow code with `Activations.activate`.
     """
 
     def __init__(
@@ -77,7 +68,7 @@ class Requests:
         journal: Journal,
         registry: Registry,
         clock: Callable[[], float],
-        record: _Record,
+        record: Record,
         activate: _Activate,
     ) -> None:
         self.runs = runs

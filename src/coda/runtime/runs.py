@@ -4,13 +4,14 @@ A `LiveRun` is one unfinished run: its state (the fold of its events), its
 history, and which worker hosts its workflow instance. The state runs ahead
 of the journal while decisions are being written; `durable` says how much of
 the history is in the journal, and only that much may be told to anyone.
-The supervisor, what it answers clients (`coda.runtime.requests`) and its
-dispatch of tries (`coda.runtime.dispatch`) share one dict of them.
+The supervisor and its parts (`coda.runtime.requests`, `.dispatch` and
+`.activation`) share one dict of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 import attrs
 
@@ -24,7 +25,7 @@ from coda.journal.events import (
 from coda.runtime.pool import WorkerHandle
 from coda.state import RunState
 
-__all__ = ["LiveRun", "Stats", "feeds"]
+__all__ = ["LiveRun", "Record", "Stats", "feeds"]
 
 
 def feeds(event: Event) -> bool:
@@ -63,6 +64,14 @@ class LiveRun:
     def settled(self) -> bool:
         """Whether everything decided for the run is durable."""
         return self.durable >= self.state.next_seq
+
+
+class Record(Protocol):
+    """`Supervisor._record`: queue one run's events, act on them once durable."""
+
+    def __call__(
+        self, run: LiveRun, events: list[Event], *, linger: bool = ...
+    ) -> asyncio.Future[bool]: ...
 
 
 @attrs.define

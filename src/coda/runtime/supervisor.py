@@ -19,19 +19,15 @@ The write-ahead rule, concretely:
 Every append goes through the journal's group commit, so decisions made while
 a transaction is being written share the next one.
 
-Workflow instances are hosted by workers. A run sticks to the worker that
-hosts it, which is fed only the run's new outcomes (`runs.feeds`); when that
-worker dies, another is sent the whole history and replays it. At most one
-activation per run is in flight, so an instance never sees events out of
-order, and each carries a number that the host's answer repeats: an answer to
-an earlier one (sent before the run was reread, say) is stale and dropped.
-
-The supervisor owns two parts, which share its runs (`coda.runtime.runs`) and
-record through it: what clients ask for (submit, wait, cancel, reopen) is
-answered by `Requests` (`coda.runtime.requests`), and the dispatch of tries
-(the ready queue, tries in flight, outcomes, lost workers, timeouts) is the
-`Dispatcher`'s (`coda.runtime.dispatch`). It keeps the committing, the hosting
-of workflow instances, recovery and shutdown.
+The supervisor owns three parts, which share its runs (`coda.runtime.runs`)
+and record through it: what clients ask for (submit, wait, cancel, reopen) is
+answered by `Requests` (`coda.runtime.requests`); the dispatch of tries (the
+ready queue, tries in flight, outcomes, lost workers, timeouts) is the
+`Dispatcher`'s (`coda.runtime.dispatch`); and the workflow instances hosted
+by workers are fed their runs' histories, and their commands taken, by
+`Activations` (`coda.runtime.activation`). It keeps the committing, what
+follows a change of a run (finishing it, scheduling its steps, timers, which
+worker hosts it), recovery and shutdown.
 
 A failed append. The journal refused a batch (a full disk): the runs it
 touched are ahead of the journal in memory. They are reread from it after a
@@ -59,24 +55,15 @@ from typing import Any
 
 from coda import decide
 from coda.definitions import Registry
-from coda.errors import CodaError, JournalError, ProtocolError, ValueTooLarge
-from coda.journal import codec
+from coda.errors import CodaError, JournalError
 from coda.journal.base import Journal, RunSummary, summarize
-from coda.journal.events import (
-    AttemptFailed,
-    ErrorInfo,
-    Event,
-    TaskFailed,
-    TaskScheduled,
-    TaskStarted,
-)
-from coda.replay.engine import ReuseResult
+from coda.journal.events import AttemptFailed, Event, TaskFailed, TaskScheduled
 from coda.runtime import faults
+from coda.runtime.activation import Activations
 from coda.runtime.dispatch import Dispatcher
 from coda.runtime.pool import WorkerHandle, WorkerPool
 from coda.runtime.requests import Requests
 from coda.runtime.runs import LiveRun, Stats, feeds
-from coda.runtime.wire import decode_command, decode_error
 from coda.state import IllegalEvent, RunState, RunStatus, StepStatus, fold
 
 __all__ = ["Supervisor"]
@@ -92,13 +79,6 @@ def _has_pending_steps(state: RunState) -> bool:
         in (StepStatus.SCHEDULED, StepStatus.STARTED, StepStatus.BACKOFF)
         for step in state.steps.values()
     )
-
-
-def _bookkeeping(event: Event) -> bool:
-    """Events of tries that workflow code never sees (starts, retried failures)."""
-    if isinstance(event, TaskStarted):
-        return True
-    return isinstance(event, TaskFailed) and event.retry_at is not None
 
 
 class Supervisor:
@@ -167,6 +147,14 @@ class Supervisor:
         self._queue = self.dispatcher.queue
         self._pump = self.dispatcher.pump
         self._on_outcome = self.dispatcher.on_outcome
+
+        # Workflow activations. Activating a run and taking its host's
+        # commands happen for nearly every event: bound once here too.
+        self.activations = Activations(
+            self.runs, self.pool, self.stats, record=self._record, clock=clock
+        )
+        self._activate = self.activations.activate
+        self._on_commands = self.activations.on_commands
 
         # What clients ask for is answered by `Requests`; the server asks the
         # supervisor, whose names for it are bound here (no call in between).
@@ -374,7 +362,7 @@ class Supervisor:
             if not done.done():
                 done.set_result(True)
         # A run waiting for a host gets one once all its events are durable
-        # (see `_activate`), whichever commit that was.
+        # (see `Activations.activate`), whichever commit that was.
         for live in touched.values():
             if live.host is None and live.settled:
                 self._activate(live)
@@ -466,7 +454,7 @@ class Supervisor:
         state = fold(history)
         if state is None:
             # A submission the journal refused: nothing of the run is durable,
-            # and `submit` told its client so.
+            # and `Requests.submit` told its client so.
             if self.runs.get(run.run_id) is run:
                 self.requests.forget_unrecorded(run.run_id)
             return
@@ -581,127 +569,6 @@ class Supervisor:
                 if not waiter.done():
                     waiter.set_result(summary)
 
-    # Workflow activations.
-
-    def _activate(self, run: LiveRun, *, early: bool = False) -> None:
-        """Feed the run's instance what it has not seen of its durable history.
-
-        `early` is for a new run only: its code may start on the submission
-        before that is durable, since it acts on nothing itself.
-        """
-        if run.activating or run.reloading or run.state.status is not RunStatus.RUNNING:
-            return
-        limit = run.state.next_seq if early else run.durable
-        host = run.host
-        full = host is None or not host.alive
-        if full and not early and not run.settled:
-            # A new host must see the run's own steps and endings that are
-            # still being written, or it would make them again; wait for them.
-            return
-        if full:
-            host = self._pick_host()
-            if host is None:
-                return  # no worker yet; activated when one connects
-            run.host = host
-            host.hosted.add(run.run_id)
-            # The instance needs neither starts nor retried failures of tries.
-            events = [e for e in run.history if e.seq < limit and not _bookkeeping(e)]
-            run.outbox = [e for e in run.outbox if e.seq >= limit]
-        else:
-            events = [e for e in run.outbox if e.seq < limit]
-            if not events:
-                return  # what is new is not durable yet
-            run.outbox = run.outbox[len(events) :]
-        assert host is not None
-        run.activating = True
-        run.activation += 1
-        message = {
-            "op": "activate",
-            "run": run.run_id,
-            "n": run.activation,
-            "workflow": run.state.workflow,
-            "args": run.state.args,
-            "full": full,
-            "events": [codec.encode_dict(e) for e in events],
-        }
-        try:
-            host.conn.send(message)
-        except (ValueTooLarge, ProtocolError) as exc:
-            # A history too large to send can never be hosted: park the run,
-            # visibly, instead of failing the supervisor on every start.
-            self._unhost(host, run.run_id)
-            logger.error("run %s cannot be activated: %s", run.run_id, exc)
-            error = ErrorInfo.from_exception(exc)
-            self._record(run, decide.park(run.state, error, self.clock()))
-
-    def _pick_host(self) -> WorkerHandle | None:
-        workers = self.pool.workers
-        if not workers:
-            return None
-        return min(workers, key=lambda w: len(w.hosted))
-
-    def _answering(self, worker: WorkerHandle, msg: dict[str, Any]) -> LiveRun | None:
-        """The run a host's answer is about, if it answers the activation in flight.
-
-        Not if the run finished, was re-hosted or is being reread meanwhile,
-        nor if the answer is to an earlier activation (one sent before the
-        run was reread and hosted on the same worker again, say): acting on
-        it would decide on code that saw another history.
-        """
-        run = self.runs.get(msg["run"])
-        if run is None or run.host is not worker or run.reloading:
-            return None
-        answered = msg.get("n")
-        if answered is not None and answered != run.activation:
-            return None
-        return run
-
-    def _on_commands(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
-        run = self._answering(worker, msg)
-        if run is None:
-            return  # that host, or the next activation, will answer
-        run.activating = False
-        commands = [decode_command(c) for c in msg["commands"]]
-        events = decide.on_commands(run.state, commands, self.clock())
-        self.stats.tasks_reused += sum(isinstance(c, ReuseResult) for c in commands)
-        if events:
-            self._record(run, events)
-        elif run.outbox:
-            self._activate(run)
-
-    def _unhost(self, worker: WorkerHandle, run_id: str) -> LiveRun | None:
-        """Take a run away from the worker hosting it; None if it does not."""
-        run = self.runs.get(run_id)
-        if run is None or run.host is not worker:
-            return None  # finished, or re-hosted meanwhile
-        run.activating = False
-        worker.hosted.discard(run_id)
-        run.host = None
-        return run
-
-    def _on_resync(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
-        """The host lost the run's instance: send it the whole history again."""
-        run = self._answering(worker, msg)
-        if run is not None:
-            self._unhost(worker, run.run_id)
-            self._activate(run)
-
-    def _on_diverged(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
-        run = self._answering(worker, msg)
-        if run is None:
-            return
-        self._unhost(worker, run.run_id)
-        error = decode_error(msg["error"])
-        logger.error(
-            "run %s parked: %s. Deploy fixed code, then `coda resume %s` or "
-            "restart `coda run`",
-            run.run_id,
-            error.message,
-            run.run_id,
-        )
-        self.stats.parked += 1
-        self._record(run, decide.park(run.state, error, self.clock()))
-
     # Workers.
 
     def _on_worker_message(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
@@ -711,9 +578,9 @@ class Supervisor:
         elif op == "commands":
             self._on_commands(worker, msg)
         elif op == "diverged":
-            self._on_diverged(worker, msg)
+            self.activations.on_diverged(worker, msg)
         elif op == "resync":
-            self._on_resync(worker, msg)
+            self.activations.on_resync(worker, msg)
         elif op == "pong":
             worker.last_pong = time.monotonic()
         else:

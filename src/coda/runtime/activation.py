@@ -1,0 +1,185 @@
+"""Workflow activations: feeding each run's instance on the worker hosting it.
+
+Workflow instances are hosted by workers. A run sticks to the worker that
+hosts it, which is fed only the run's new outcomes (`runs.feeds`); when that
+worker dies, another is sent the whole history and replays it. What is fed is
+durable, with one exception: a new run's code may start on its submission
+while that is being written, since it acts on nothing itself.
+
+At most one activation per run is in flight, so an instance never sees
+events out of order, and each carries a number that the host's answer
+repeats: an answer to an earlier one (sent before the run was reread, say)
+is stale and dropped. An answer is the instance's commands, which are decided
+on and recorded; a request to be sent the whole history again (the host lost
+the instance); or the news that the code no longer replays its own history,
+which parks the run until fixed code is deployed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from coda import decide
+from coda.errors import ProtocolError, ValueTooLarge
+from coda.journal import codec
+from coda.journal.events import ErrorInfo, Event, TaskFailed, TaskStarted
+from coda.replay.engine import ReuseResult
+from coda.runtime.pool import WorkerHandle, WorkerPool
+from coda.runtime.runs import LiveRun, Record, Stats
+from coda.runtime.wire import decode_command, decode_error
+from coda.state import RunStatus
+
+__all__ = ["Activations"]
+
+logger = logging.getLogger(__name__)
+
+
+def _bookkeeping(event: Event) -> bool:
+    """Events of tries that workflow code never sees (starts, retried failures)."""
+    if isinstance(event, TaskStarted):
+        return True
+    return isinstance(event, TaskFailed) and event.retry_at is not None
+
+
+class Activations:
+    """The supervisor's activations of workflow instances, and their answers.
+
+    It shares the supervisor's runs, pool and counters, and records through
+    the supervisor's `record` (one run's events, acted on once durable).
+    """
+
+    def __init__(
+        self,
+        runs: dict[str, LiveRun],
+        pool: WorkerPool,
+        stats: Stats,
+        *,
+        record: Record,
+        clock: Callable[[], float],
+    ) -> None:
+        self.runs = runs
+        self.pool = pool
+        self.stats = stats
+        self._record = record
+        self.clock = clock
+
+    def activate(self, run: LiveRun, *, early: bool = False) -> None:
+        """Feed the run's instance what it has not seen of its durable history.
+
+        `early` is for a new run only: its code may start on the submission
+        before that is durable, since it acts on nothing itself.
+        """
+        if run.activating or run.reloading or run.state.status is not RunStatus.RUNNING:
+            return
+        limit = run.state.next_seq if early else run.durable
+        host = run.host
+        full = host is None or not host.alive
+        if full and not early and not run.settled:
+            # A new host must see the run's own steps and endings that are
+            # still being written, or it would make them again; wait for them.
+            return
+        if full:
+            host = self._pick_host()
+            if host is None:
+                return  # no worker yet; activated when one connects
+            run.host = host
+            host.hosted.add(run.run_id)
+            # The instance needs neither starts nor retried failures of tries.
+            events = [e for e in run.history if e.seq < limit and not _bookkeeping(e)]
+            run.outbox = [e for e in run.outbox if e.seq >= limit]
+        else:
+            events = [e for e in run.outbox if e.seq < limit]
+            if not events:
+                return  # what is new is not durable yet
+            run.outbox = run.outbox[len(events) :]
+        assert host is not None
+        run.activating = True
+        run.activation += 1
+        message = {
+            "op": "activate",
+            "run": run.run_id,
+            "n": run.activation,
+            "workflow": run.state.workflow,
+            "args": run.state.args,
+            "full": full,
+            "events": [codec.encode_dict(e) for e in events],
+        }
+        try:
+            host.conn.send(message)
+        except (ValueTooLarge, ProtocolError) as exc:
+            # A history too large to send can never be hosted: park the run,
+            # visibly, instead of failing the supervisor on every start.
+            self.unhost(host, run.run_id)
+            logger.error("run %s cannot be activated: %s", run.run_id, exc)
+            error = ErrorInfo.from_exception(exc)
+            self._record(run, decide.park(run.state, error, self.clock()))
+
+    def _pick_host(self) -> WorkerHandle | None:
+        workers = self.pool.workers
+        if not workers:
+            return None
+        return min(workers, key=lambda w: len(w.hosted))
+
+    def _answering(self, worker: WorkerHandle, msg: dict[str, Any]) -> LiveRun | None:
+        """The run a host's answer is about, if it answers the activation in flight.
+
+        Not if the run finished, was re-hosted or is being reread meanwhile,
+        nor if the answer is to an earlier activation (one sent before the
+        run was reread and hosted on the same worker again, say): acting on
+        it would decide on code that saw another history.
+        """
+        run = self.runs.get(msg["run"])
+        if run is None or run.host is not worker or run.reloading:
+            return None
+        answered = msg.get("n")
+        if answered is not None and answered != run.activation:
+            return None
+        return run
+
+    def on_commands(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        run = self._answering(worker, msg)
+        if run is None:
+            return  # that host, or the next activation, will answer
+        run.activating = False
+        commands = [decode_command(c) for c in msg["commands"]]
+        events = decide.on_commands(run.state, commands, self.clock())
+        self.stats.tasks_reused += sum(isinstance(c, ReuseResult) for c in commands)
+        if events:
+            self._record(run, events)
+        elif run.outbox:
+            self.activate(run)
+
+    def unhost(self, worker: WorkerHandle, run_id: str) -> LiveRun | None:
+        """Take a run away from the worker hosting it; None if it does not."""
+        run = self.runs.get(run_id)
+        if run is None or run.host is not worker:
+            return None  # finished, or re-hosted meanwhile
+        run.activating = False
+        worker.hosted.discard(run_id)
+        run.host = None
+        return run
+
+    def on_resync(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        """The host lost the run's instance: send it the whole history again."""
+        run = self._answering(worker, msg)
+        if run is not None:
+            self.unhost(worker, run.run_id)
+            self.activate(run)
+
+    def on_diverged(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
+        run = self._answering(worker, msg)
+        if run is None:
+            return
+        self.unhost(worker, run.run_id)
+        error = decode_error(msg["error"])
+        logger.error(
+            "run %s parked: %s. Deploy fixed code, then `coda resume %s` or "
+            "restart `coda run`",
+            run.run_id,
+            error.message,
+            run.run_id,
+        )
+        self.stats.parked += 1
+        self._record(run, decide.park(run.state, error, self.clock()))
