@@ -129,3 +129,53 @@ async def _forgotten_try(tmp_path: Path) -> None:
         supervisor.pool.workers.clear()
         await supervisor.stop()
         await journal.close()
+
+
+def test_a_worker_running_a_suspect_alone_is_free_once_that_run_ends(
+    tmp_path: Path,
+) -> None:
+    asyncio.run(_suspect_of_a_cancelled_run(tmp_path))
+
+
+async def _suspect_of_a_cancelled_run(tmp_path: Path) -> None:
+    journal = await SQLiteJournal.open(tmp_path / "coda.db")
+    supervisor = Supervisor(journal, APP, load_app(APP), workers=0)
+    supervisor.LINGER = 0.0
+    outbox = Outbox()
+    worker = WorkerHandle("w1", None, outbox, 0.0)  # type: ignore[arg-type]
+    supervisor.pool.workers.append(worker)
+    await supervisor.start()
+
+    async def task_sent(run_id: str) -> bool:
+        for _ in range(100):
+            if any(m["op"] == "task" and m["run"] == run_id for m in outbox.sent):
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    try:
+        # r1's step ran on a worker that died with others: it runs alone.
+        supervisor.dispatcher._suspects.add(("r1", 1, 0))
+        assert await supervisor.submit("quick", {"x": 4}, "r1") == ("r1", True)
+        supervisor._on_worker_message(worker, _schedule("r1", 1, x=4))
+        assert await task_sent("r1")
+        assert worker.exclusive
+
+        # The run is cancelled while its try runs: the worker takes others.
+        assert await supervisor.cancel("r1", "enough")
+        assert not worker.exclusive
+        assert not supervisor.dispatcher._suspects
+        assert await supervisor.submit("quick", {"x": 5}, "r2") == ("r2", True)
+        supervisor._on_worker_message(worker, _schedule("r2", 1, x=5))
+        assert await task_sent("r2"), "the worker stayed reserved for r1's try"
+        # r1's outcome, should it still come, is dropped.
+        supervisor._on_worker_message(
+            worker,
+            {"op": "outcome", "run": "r1", "attempt": 1, "step": 0, "try": 1,
+             "ok": True, "result": 8},
+        )  # fmt: skip
+        assert list(worker.tries) == [("r2", 1, 0, 1)]
+    finally:
+        supervisor.pool.workers.clear()
+        await supervisor.stop()
+        await journal.close()

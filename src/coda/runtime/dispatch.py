@@ -277,13 +277,11 @@ class Dispatcher:
                 else:
                     # Its slot is counted free from now on: the worker must
                     # not keep a thread busy with it (nor report it).
-                    del worker.tries[key]
+                    self._forget_try(worker, key)
                     if worker.alive:
                         worker.conn.send(
                             {"op": "cancel", "run": run_id, "try": list(key[1:])}
                         )
-                    if worker.exclusive:
-                        worker.exclusive = False
         if state is None:
             return []
         return [
@@ -320,9 +318,21 @@ class Dispatcher:
             mine = [key for key in worker.tries if key[0] == run_id]
             if mine:
                 for key in mine:
-                    del worker.tries[key]
+                    self._forget_try(worker, key)
                 if worker.alive:
                     worker.conn.send({"op": "cancel", "run": run_id})
+        if self._suspects:
+            self._suspects = {key for key in self._suspects if key[0] != run_id}
+
+    def _forget_try(self, worker: WorkerHandle, key: TryKey) -> None:
+        """Stop counting a try on its worker: its slot is free from now on.
+
+        A worker running a suspect try alone takes others again: its outcome,
+        should it still come, is dropped before it could free the worker.
+        """
+        del worker.tries[key]
+        if worker.exclusive:
+            worker.exclusive = False
 
     async def _watch_timeouts(self) -> None:
         """Kill workers that hang: a try past its timeout, or no heartbeat.
