@@ -1204,3 +1204,37 @@ def test_no_append_can_leave_a_gap_in_a_history(tmp_path: Path) -> None:
     assert isinstance(outcomes[1], JournalError)
     assert "do not continue their history" in str(outcomes[1])
     assert seqs == [0, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(min_value=0, max_value=700),
+    max_variables=st.sampled_from([3, 20, 999, 32766]),
+)
+def test_row_inserts_write_every_row_in_order(count: int, max_variables: int) -> None:
+    inserts = writer_module.RowInserts(
+        ("INSERT INTO t (a, b) VALUES ", "(?, ?)", ""), max_variables
+    )
+    # The largest statement stays within SQLite's limit on variables.
+    assert all(n * 2 <= max_variables or n == 1 for n in inserts.sql)
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, a INTEGER, b TEXT)")
+        rows = [(i, f"row {i}") for i in range(count)]
+        inserts.run(db, rows)
+        assert db.execute("SELECT a, b FROM t ORDER BY id").fetchall() == rows
+    finally:
+        db.close()
+
+
+def test_a_later_completion_in_the_same_batch_wins_the_cache(tmp_path: Path) -> None:
+    run_id = "cached"
+
+    async def body(journal: SQLiteJournal) -> Any:
+        events = [submitted(run_id), step(AttemptStarted, run_id, 1, attempt=1)]
+        events += task_steps(run_id, 2, 0, ["k"], "first")
+        events += task_steps(run_id, 5, 1, ["k"], "second")
+        await journal.append(events)
+        return await journal.cached_result(run_id, ["k"])
+
+    assert run_async(tmp_path / "j.db", body) == "second"

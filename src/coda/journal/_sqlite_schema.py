@@ -96,15 +96,21 @@ HARD_FRAMES = 100_000
 # WAL bounded.
 WAL_AUTOCHECKPOINT = 10_000
 
-INSERT_RUN = (
+# The inserts of the writer write many rows per statement (see
+# `_sqlite_writer.RowInserts`): each is `(head, one row's values, tail)`.
+INSERT_RUNS = (
     "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at, updated_at,"
-    " events, result, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " events, result, error) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    "",
 )
 # The writer knows the key `rk` of each run it writes to (see `KEYS_AFTER` and
 # `KEYS_OF`), so that rows go in by key, without looking the text id up each.
 # The body comes as the JSON's text (see `Append`) and is stored as its bytes.
-INSERT_EVENT = (
-    "INSERT INTO events (rk, seq, at, type, body) VALUES (?, ?, ?, ?, CAST(? AS BLOB))"
+INSERT_EVENTS = (
+    "INSERT INTO events (rk, seq, at, type, body) VALUES ",
+    "(?, ?, ?, ?, CAST(? AS BLOB))",
+    "",
 )
 UPDATE_RUN = (
     "UPDATE runs SET status = coalesce(?1, status), attempt = coalesce(?2, attempt),"
@@ -120,11 +126,13 @@ UPDATE_RUN = (
 TOUCH_RUN = (
     "UPDATE runs SET updated_at = ?, events = events + ? WHERE rk = ? AND events = ?"
 )
+# Rows of one statement are written in order: of two completions with the
+# same key, the later wins, as in the fold.
 UPSERT_CACHE = (
-    "INSERT INTO task_cache (rk, cache_key, result, attempt, step)"
-    " VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO task_cache (rk, cache_key, result, attempt, step) VALUES ",
+    "(?, ?, ?, ?, ?)",
     " ON CONFLICT (rk, cache_key) DO UPDATE SET result = excluded.result,"
-    " attempt = excluded.attempt, step = excluded.step"
+    " attempt = excluded.attempt, step = excluded.step",
 )
 # AUTOINCREMENT: a new run's key is larger than any key the table ever held, so
 # the runs inserted since `LAST_KEY` are exactly those with a larger key.
