@@ -132,6 +132,17 @@ def ro_count(path: Path, run_id: str) -> int:
         conn.close()
 
 
+@pytest.fixture(params=["update-from", "one-by-one"])
+def runs_updates(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Both ways the writer updates `runs` rows: many per statement (SQLite
+    3.33 and later), or one `executemany` row at a time (older ones)."""
+    if request.param == "one-by-one":
+        monkeypatch.setattr(schema, "UPDATE_FROM", (99, 0, 0))
+    return str(request.param)
+
+
 # -- round trip -----------------------------------------------------------------
 
 
@@ -745,7 +756,9 @@ def failing_history(run_id: str) -> list[Event]:
     ]
 
 
-def test_projection_follows_failures_parking_and_retries(tmp_path: Path) -> None:
+def test_projection_follows_failures_parking_and_retries(
+    tmp_path: Path, runs_updates: str
+) -> None:
     history = failing_history("r")
     # fmt: off
     expected = [
@@ -771,7 +784,9 @@ def test_projection_follows_failures_parking_and_retries(tmp_path: Path) -> None
     run_async(tmp_path / "j.db", body)
 
 
-def test_projection_is_the_same_when_events_share_a_batch(tmp_path: Path) -> None:
+def test_projection_is_the_same_when_events_share_a_batch(
+    tmp_path: Path, runs_updates: str
+) -> None:
     # One call per event, all queued at once: they land in one transaction and
     # the projection must add up as if they had been appended one by one.
     history = failing_history("r")
@@ -1183,7 +1198,9 @@ def test_stored_body_is_the_codec_json(tmp_path: Path) -> None:
     conn.close()
 
 
-def test_no_append_can_leave_a_gap_in_a_history(tmp_path: Path) -> None:
+def test_no_append_can_leave_a_gap_in_a_history(
+    tmp_path: Path, runs_updates: str
+) -> None:
     """An append must continue its run exactly where the history stands: a call
     that would skip a position is refused, alone or merged with good calls, so a
     failed append can never leave a later one stranded after a hole."""
@@ -1211,8 +1228,8 @@ def test_no_append_can_leave_a_gap_in_a_history(tmp_path: Path) -> None:
     count=st.integers(min_value=0, max_value=700),
     max_variables=st.sampled_from([3, 20, 999, 32766]),
 )
-def test_row_inserts_write_every_row_in_order(count: int, max_variables: int) -> None:
-    inserts = writer_module.RowInserts(
+def test_many_rows_are_written_in_order(count: int, max_variables: int) -> None:
+    inserts = writer_module.ManyRows(
         ("INSERT INTO t (a, b) VALUES ", "(?, ?)", ""), max_variables
     )
     # The largest statement stays within SQLite's limit on variables.

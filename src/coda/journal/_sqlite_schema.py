@@ -96,8 +96,8 @@ HARD_FRAMES = 100_000
 # WAL bounded.
 WAL_AUTOCHECKPOINT = 10_000
 
-# The inserts of the writer write many rows per statement (see
-# `_sqlite_writer.RowInserts`): each is `(head, one row's values, tail)`.
+# The writer writes many rows per statement (see
+# `_sqlite_writer.ManyRows`): each is `(head, one row's values, tail)`.
 INSERT_RUNS = (
     "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at, updated_at,"
     " events, result, error) VALUES ",
@@ -126,6 +126,25 @@ UPDATE_RUN = (
 TOUCH_RUN = (
     "UPDATE runs SET updated_at = ?, events = events + ? WHERE rk = ? AND events = ?"
 )
+# The same two, for many runs per statement (`UPDATE ... FROM`, SQLite 3.33 and
+# later; a batch names each run once, so each row of `v` meets one run).
+UPDATE_RUNS = (
+    "UPDATE runs SET status = coalesce(v.column1, runs.status),"
+    " attempt = coalesce(v.column2, runs.attempt), updated_at = v.column3,"
+    " events = runs.events + v.column4,"
+    " result = CASE WHEN v.column5 THEN v.column6 ELSE runs.result END,"
+    " error = CASE WHEN v.column7 THEN v.column8 ELSE runs.error END"
+    " FROM (VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    ") AS v WHERE runs.rk = v.column9 AND runs.events = v.column10",
+)
+TOUCH_RUNS = (
+    "UPDATE runs SET updated_at = v.column1, events = runs.events + v.column2"
+    " FROM (VALUES ",
+    "(?, ?, ?, ?)",
+    ") AS v WHERE runs.rk = v.column3 AND runs.events = v.column4",
+)
+UPDATE_FROM = (3, 33, 0)
 # Rows of one statement are written in order: of two completions with the
 # same key, the later wins, as in the fold.
 UPSERT_CACHE = (
