@@ -6,8 +6,9 @@ Commands that change something (`submit`, `cancel`, `retry`, `resume`) ask the
 supervisor, the journal's only writer.
 
 Exit codes, for scripts: 0 success; 1 a run failed, was cancelled or is parked,
-or `doctor` found problems; 2 bad usage; 3 no such run or workflow; 4 no
-supervisor reachable; 5 replay diverged from the history.
+`doctor` found problems, or `coda run` stopped on an error; 2 bad usage; 3 no
+such run or workflow; 4 no supervisor reachable; 5 replay diverged from the
+history.
 """
 
 from __future__ import annotations
