@@ -57,6 +57,7 @@ async def socket_pair(**kwargs: Any) -> tuple[Connection, Connection]:
 async def raw_pair(**kwargs: Any) -> tuple[Connection, socket.socket]:
     """A Connection whose peer is a plain blocking socket, for sending garbage."""
     a, b = socket.socketpair()
+    b.settimeout(5)  # a test that goes wrong fails rather than hangs
     return await Connection.from_socket(a, name="raw peer", **kwargs), b
 
 
@@ -403,6 +404,237 @@ def test_a_burst_of_frames_costs_few_reads() -> None:
     assert out == [{"op": "t", "i": i} for i in range(1000)]
     # ~12 KB of frames in 64 KiB reads: one read for the data, one for EOF.
     assert reads == 2
+
+
+# --- serve: messages handled in the transport's callback -----------------
+
+
+class Handled:
+    """A handler for `serve` that keeps what it was given, and whether each
+    message was handled in the transport's callback (no task running) rather
+    than by the serving task."""
+
+    def __init__(self, conn: Connection, stop_at: str = "", fail_at: str = "") -> None:
+        self.conn = conn
+        self.stop_at = stop_at
+        self.fail_at = fail_at
+        self.messages: list[dict[str, Any]] = []
+        self.in_callback: list[bool] = []
+
+    def __call__(self, msg: dict[str, Any]) -> None:
+        self.messages.append(msg)
+        self.in_callback.append(asyncio.current_task() is None)
+        if msg["op"] == self.stop_at:
+            self.conn.stop_serving()
+        if msg["op"] == self.fail_at:
+            raise ValueError(f"cannot handle {msg}")
+
+    def ops(self) -> list[str]:
+        return [m["op"] for m in self.messages]
+
+
+async def serving(conn: Connection, handler: Handled) -> asyncio.Task[None]:
+    """`conn.serve(handler)` in a task, once it waits for bytes to be pushed."""
+    task = asyncio.create_task(conn.serve(handler))
+    await asyncio.sleep(0.01)
+    assert not task.done()
+    return task
+
+
+def ops_frames(*ops: str) -> bytes:
+    return encode_frames([{"op": op} for op in ops])
+
+
+def test_serve_handles_each_message_in_the_callback_in_order() -> None:
+    msgs = [{"op": "m", "i": i, "pad": "p" * (i * 7 % 300)} for i in range(500)]
+    stream = encode_frames(msgs)
+
+    async def main() -> Handled:
+        conn, peer = await raw_pair()
+        handled = Handled(conn)
+        task = await serving(conn, handled)
+        # The first frames a few bytes at a time, headers and bodies split
+        # across chunks; then the rest, hundreds of frames in a chunk.
+        pos = 0
+        for size in [1, 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37] * 20:
+            peer.sendall(stream[pos : pos + size])
+            pos += size
+            await asyncio.sleep(0)
+        await asyncio.to_thread(peer.sendall, stream[pos:])
+        peer.close()
+        assert await task is None  # a clean end of stream
+        assert await conn.recv() is None
+        return handled
+
+    handled = run(main())
+    assert handled.messages == msgs
+    assert all(handled.in_callback)
+
+
+def test_serve_takes_a_burst_with_a_frame_at_the_limit() -> None:
+    limit = 4 * 1024 * 1024
+    empty = len(orjson.dumps({"op": "big", "x": ""}))
+    big = {"op": "big", "x": "y" * (limit - empty)}
+    msgs = [
+        *({"op": "s", "i": i} for i in range(20_000)),
+        big,
+        *({"op": "s", "i": i} for i in range(1000)),
+    ]
+    stream = encode_frames(msgs, max_frame_bytes=limit)
+
+    async def main() -> Handled:
+        conn, peer = await raw_pair(max_frame_bytes=limit)
+        handled = Handled(conn)
+        task = await serving(conn, handled)
+        await asyncio.to_thread(peer.sendall, stream)
+        peer.close()
+        await task
+        return handled
+
+    handled = run(main())
+    assert len(handled.messages) == len(msgs)
+    assert handled.messages == msgs
+    assert all(handled.in_callback)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (frame(b"not json"), "not JSON"),
+        (struct.pack(">I", 5000), "5000 bytes is over the limit of 1000"),
+    ],
+)
+def test_serve_handles_the_good_frames_then_answers_a_bad_one(
+    bad: bytes, error: str
+) -> None:
+    async def main() -> tuple[Handled, list[dict[str, Any]]]:
+        conn, peer = await raw_pair(max_frame_bytes=1000)
+        handled = Handled(conn)
+        task = await serving(conn, handled)
+        # In one chunk, and the peer stays connected: a bad length header is
+        # refused without waiting for its body.
+        peer.sendall(ops_frames("one", "two") + bad + ops_frames("never"))
+        with pytest.raises(ProtocolError, match=error):
+            await task
+        assert conn.closed
+        return handled, await asyncio.to_thread(read_all, peer)
+
+    handled, [answer] = run(main())
+    assert handled.ops() == ["one", "two"]
+    assert all(handled.in_callback)
+    assert answer["op"] == "error" and answer["code"] == ERROR_FRAME
+    assert error.split()[0] in answer["message"]
+
+
+def test_serve_peer_vanishing_mid_frame() -> None:
+    async def main() -> Handled:
+        conn, peer = await raw_pair()
+        handled = Handled(conn)
+        task = await serving(conn, handled)
+        peer.sendall(ops_frames("whole") + struct.pack(">I", 100) + b"x" * 10)
+        await asyncio.sleep(0.01)
+        peer.close()
+        with pytest.raises(ProtocolError, match="mid-frame after 14 of 104 bytes"):
+            await task
+        assert conn.closed
+        return handled
+
+    handled = run(main())
+    assert handled.ops() == ["whole"]
+
+
+def test_serve_returns_when_the_connection_is_closed_on_our_side() -> None:
+    async def main() -> None:
+        a, b = await socket_pair()
+        handled = Handled(b)
+        task = await serving(b, handled)
+        a.send({"op": "before"})
+        await a.drain()
+        await asyncio.sleep(0.01)
+        await b.close()
+        assert await task is None
+        assert handled.ops() == ["before"]
+        await a.close()
+
+    run(main())
+
+
+def test_switching_from_recv_to_serve_loses_nothing() -> None:
+    many = [{"op": "m", "i": i, "pad": "p" * 100} for i in range(20_000)]
+    stream = encode_frames([{"op": "hello"}, *many, {"op": "last"}])
+    first = len(encode_frame({"op": "hello"})) + 300
+
+    async def main() -> Handled:
+        conn, peer = await raw_pair()
+        peer.sendall(stream[:first])
+        assert await conn.recv() == {"op": "hello"}
+        # Decoded messages and a partial frame are left in the connection;
+        # then more arrives while nobody reads, far more than the
+        # StreamReader holds before it stops reading the socket.
+        sending = asyncio.create_task(asyncio.to_thread(peer.sendall, stream[first:]))
+        await asyncio.sleep(0.1)
+        handled = Handled(conn)
+        task = asyncio.create_task(conn.serve(handled))
+        await sending
+        peer.close()
+        await task
+        return handled
+
+    handled = run(main())
+    assert handled.messages == [*many, {"op": "last"}]
+    # What was there before is handled by `serve` itself; the rest in the
+    # callback once the reader's backlog is gone.
+    assert not handled.in_callback[0] and handled.in_callback[-1]
+
+
+@pytest.mark.parametrize("ending", ["stop", "fail"])
+def test_serve_ended_by_its_handler_leaves_the_rest_for_recv(ending: str) -> None:
+    async def main() -> tuple[Handled, list[Any]]:
+        conn, peer = await raw_pair()
+        handled = Handled(conn, stop_at="stop", fail_at="fail")
+        task = await serving(conn, handled)
+        peer.sendall(ops_frames("one", ending, "after", "later"))
+        if ending == "fail":
+            with pytest.raises(ValueError, match="cannot handle"):
+                await task
+        else:
+            assert await task is None
+        # The connection lives on and the rest of the chunk waits for `recv`;
+        # bytes sent now go to the reader again.
+        assert not conn.closed
+        rest = [await conn.recv(), await conn.recv()]
+        peer.sendall(ops_frames("again"))
+        rest.append(await conn.recv())
+        # Served again, messages are handled in the callback again.
+        task = await serving(conn, handled)
+        peer.sendall(ops_frames("last"))
+        peer.close()
+        await task
+        return handled, rest
+
+    handled, rest = run(main())
+    assert handled.ops() == ["one", ending, "last"]
+    assert all(handled.in_callback)
+    assert rest == [{"op": "after"}, {"op": "later"}, {"op": "again"}]
+
+
+def test_serve_on_a_plain_connection_reads_with_recv() -> None:
+    async def main() -> Handled:
+        reader = asyncio.StreamReader()
+        reader.feed_data(ops_frames("one", "two"))
+        reader.feed_eof()
+        ours, theirs = socket.socketpair()
+        _, writer = await asyncio.open_connection(sock=ours)
+        conn = Connection(reader, writer)
+        handled = Handled(conn)
+        await conn.serve(handled)
+        await conn.close()
+        theirs.close()
+        return handled
+
+    handled = run(main())
+    assert handled.ops() == ["one", "two"]
+    assert not any(handled.in_callback)
 
 
 # --- handshake -------------------------------------------------------------

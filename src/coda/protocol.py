@@ -36,6 +36,14 @@ complete before the bad frame are still delivered first. A peer that vanishes
 in the middle of a frame is a `ProtocolError` as well; one that closes between
 frames is a clean end of stream, and `recv` returns None.
 
+Reading. `Connection.recv` awaits the next message; `Connection.serve` hands
+every message to a synchronous handler instead, exactly as a loop on `recv`
+would, errors and end of stream included, and on a connection made by
+`Connection.from_socket` a turn of the event loop sooner for each message: the
+bytes are decoded and handled in the transport's callback (see `coda._push`).
+A connection starts with `recv` (the handshake) and may switch to `serve` and
+back; nothing received in between is lost.
+
 Handshake. The first message on every connection is the connecting side's
 ``hello``, carrying `PROTOCOL_VERSION` and its role (``"client"`` or
 ``"worker"``); the accepting side answers ``welcome`` or an error, and closes
@@ -63,11 +71,12 @@ import hmac
 import logging
 import socket
 import struct
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, TypeAlias
 
 import orjson
 
+from coda._push import PushProtocol, open_socket
 from coda.errors import CodaError, ProtocolError, ValueNotJSON, ValueTooLarge
 
 __all__ = [
@@ -330,8 +339,8 @@ class FrameDecoder:
 class Connection:
     """A message stream over an asyncio (reader, writer) pair.
 
-    One task reads (`recv`, or ``async for``); any code on the loop may send.
-    ``name`` says who is on the other end, for log lines.
+    One task reads (`recv`, ``async for`` or `serve`); any code on the loop may
+    send. ``name`` says who is on the other end, for log lines.
     """
 
     def __init__(
@@ -353,12 +362,29 @@ class Connection:
         self._flush_scheduled = False
         self._eof = False
         self._closed = False
+        # Bytes `recv` has taken from the reader (see `PushProtocol.fed`).
+        self._consumed = 0
+        # Set by `from_socket`: the protocol that can push bytes to `serve`.
+        self._push: PushProtocol | None = None
+        self._serving = False
+        # The handler of the running `serve`, until `stop_serving`.
+        self._handler: Callable[[Message], object] | None = None
+        # Resolved when pushing stops (see `_serve_pushed`), and what a handler
+        # raised meanwhile.
+        self._push_ended: asyncio.Future[None] | None = None
+        self._push_error: Exception | None = None
 
     @classmethod
     async def from_socket(cls, sock: socket.socket, **kwargs: Any) -> Connection:
-        """Wrap a connected socket, e.g. one end of a socketpair."""
-        reader, writer = await asyncio.open_connection(sock=sock)
-        return cls(reader, writer, **kwargs)
+        """Wrap a connected socket, e.g. one end of a socketpair.
+
+        `serve` on such a connection handles each message a turn of the loop
+        sooner than a loop on `recv` would.
+        """
+        reader, writer, push = await open_socket(sock)
+        conn = cls(reader, writer, **kwargs)
+        conn._push = push
+        return conn
 
     @property
     def closed(self) -> bool:
@@ -386,6 +412,7 @@ class Connection:
                 # A reset is the peer going away like any other: what matters
                 # is whether it left a frame half sent.
                 data = b""
+            self._consumed += len(data)
             if not data:
                 self._eof = True
                 try:
@@ -409,6 +436,107 @@ class Connection:
         if msg is None:
             raise StopAsyncIteration
         return msg
+
+    async def serve(self, handler: Callable[[Message], object]) -> None:
+        """Hand every message to `handler`, in order, until the stream ends.
+
+        What ``async for msg in conn: handler(msg)`` does, but on a connection
+        made by `from_socket` each message is handled a turn of the loop
+        sooner: in the transport's callback, as soon as its bytes arrive.
+        Returns when the peer closes between frames or `stop_serving` is
+        called (by the handler, say). Raises what `recv` raises, in the same
+        cases and after telling the peer, and what `handler` raises; in both
+        cases after handling every message before the failure. Messages not
+        handled stay for the next `recv` or `serve`.
+        """
+        if self._serving:
+            raise RuntimeError(f"the connection to {self.name} is already served")
+        self._serving = True
+        self._handler = handler
+        try:
+            while self._handler is not None:
+                if self._push is not None and not self._recv_ready(self._push):
+                    await self._serve_pushed(self._push)
+                    continue
+                # Through `recv`: what was received before, and the end of
+                # the stream, with what `recv` does about them.
+                msg = await self.recv()
+                if msg is None:
+                    return
+                if self._handler is None:
+                    # Stopped while `recv` waited (on a plain connection).
+                    self._received.appendleft(msg)
+                    return
+                handler(msg)
+        finally:
+            self._serving = False
+            self._handler = None
+
+    def stop_serving(self) -> None:
+        """Make `serve` return without handling another message."""
+        self._handler = None
+        self._end_push()
+
+    def _recv_ready(self, push: PushProtocol) -> bool:
+        """Whether `recv` would return or raise without waiting for the peer."""
+        return (
+            bool(self._received)
+            or self._decoder.error is not None
+            or self._eof
+            or push.ended
+            or push.fed > self._consumed
+        )
+
+    async def _serve_pushed(self, push: PushProtocol) -> None:
+        """Have `push` hand bytes to `_pushed` until the stream ends or fails,
+        a handler raises, or `stop_serving`."""
+        self._push_ended = ended = asyncio.get_running_loop().create_future()
+        self._push_error = None
+        push.push_to(self._pushed, self._end_push)
+        try:
+            await ended
+        finally:
+            push.stop_pushing()
+            self._push_ended = None
+        error, self._push_error = self._push_error, None
+        if error is not None:
+            raise error
+
+    def _pushed(self, data: bytes) -> None:
+        """Bytes pushed by the transport while serving: handle their messages."""
+        received = self._received
+        try:
+            received.extend(self._decoder.feed(data))
+        except ProtocolError:
+            # `serve` goes back to `recv`, which says so to the peer.
+            self._end_push()
+            return
+        while received:
+            handler = self._handler
+            if handler is None:
+                return
+            msg = received.popleft()
+            try:
+                handler(msg)
+            except Exception as exc:
+                # Raised out of `serve`; raised here it would make asyncio
+                # close the transport as broken.
+                self._end_push(exc)
+                return
+        if self._decoder.error is not None:
+            # Good messages came before a bad frame: those are handled, and
+            # `recv` raises the error.
+            self._end_push()
+
+    def _end_push(self, error: Exception | None = None) -> None:
+        """Stop pushing: `serve` takes over on its next turn."""
+        if self._push is not None:
+            self._push.stop_pushing()
+        if error is not None:
+            self._push_error = error
+        ended = self._push_ended
+        if ended is not None and not ended.done():
+            ended.set_result(None)
 
     def send(self, msg: Message) -> None:
         """Queue one message; it is written on the next turn of the loop.

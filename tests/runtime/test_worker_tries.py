@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -17,6 +18,7 @@ import pytest
 
 import coda
 from coda.definitions import Registry
+from coda.protocol import Connection
 from coda.runtime.worker import Worker
 
 
@@ -180,7 +182,7 @@ async def test_cancel_fails_the_tries_and_drops_what_they_return() -> None:
     time.sleep(0.1)
     assert seen_threads == ["running"]
 
-    await _cancel(worker, "r")
+    _cancel(worker, "r")
     errors = [(m["step"], m["ok"], m["error"]["type"]) for m in conn.sent]
     cancelled = "asyncio.exceptions.CancelledError"
     assert sorted(errors) == [(0, False, cancelled), (1, False, cancelled)]
@@ -196,24 +198,11 @@ async def test_cancel_fails_the_tries_and_drops_what_they_return() -> None:
     worker.threads.shutdown()
 
 
-async def _cancel(worker: Worker, run: str, only: list[int] | None = None) -> None:
+def _cancel(worker: Worker, run: str, only: list[int] | None = None) -> None:
     message: dict[str, Any] = {"op": "cancel", "run": run}
     if only is not None:
         message["try"] = only
-
-    class OneMessage:
-        def __init__(self) -> None:
-            self.messages: list[dict[str, Any] | None] = [message]
-
-        async def recv(self) -> dict[str, Any] | None:
-            return self.messages.pop(0) if self.messages else None
-
-    recording = worker.conn
-    worker.conn = OneMessage()  # type: ignore[assignment]
-    worker.conn.send = recording.send  # type: ignore[attr-defined]
-    worker.conn.closed = False  # type: ignore[attr-defined]
-    await worker.serve()
-    worker.conn = recording
+    worker.on_message(message)
 
 
 @pytest.mark.parametrize("task", ["raises", "async_raises"])
@@ -287,7 +276,7 @@ async def test_a_try_never_waits_for_a_thread_kept_busy_by_a_cancelled_one() -> 
     worker._start_try(_try("wait_for_gate", run="ended", mark="abandoned"))
     await asyncio.sleep(0.1)
     assert seen_threads == ["abandoned"]
-    await _cancel(worker, "ended")
+    _cancel(worker, "ended")
     assert [(m["run"], m["ok"]) for m in conn.sent] == [("ended", False)]
 
     # The only slot is free again, though the function still runs in its
@@ -323,7 +312,7 @@ async def test_an_abandoned_thread_takes_a_slot_again_when_one_is_free() -> None
     worker, conn = _worker(threads=2, name="rejoined")
     worker._start_try(_try("wait_for_gate", run="ended", mark="abandoned"))
     await asyncio.sleep(0.1)
-    await _cancel(worker, "ended")
+    _cancel(worker, "ended")
     gate.set()
     await asyncio.sleep(0.1)
     # Nothing took its slot meanwhile: the thread lives on and runs the next.
@@ -357,9 +346,9 @@ async def test_one_try_of_a_run_is_cancelled_and_its_others_go_on() -> None:
     worker._start_try(_try("wait_for_gate", run="r", step=1, mark="dropped"))
     worker._start_try(_try("wait_async", run="r", step=2, mark="async"))
     await asyncio.sleep(0.1)
-    await _cancel(worker, "r", only=[1, 1, 1])
-    await _cancel(worker, "r", only=[1, 2, 1])
-    await _cancel(worker, "r", only=[1, 7, 1])  # not here: nothing happens
+    _cancel(worker, "r", only=[1, 1, 1])
+    _cancel(worker, "r", only=[1, 2, 1])
+    _cancel(worker, "r", only=[1, 7, 1])  # not here: nothing happens
     outcomes = await _outcomes(conn, 2)
     assert sorted((m["step"], m["ok"]) for m in outcomes) == [(1, False), (2, False)]
     assert all("CancelledError" in m["error"]["type"] for m in outcomes)
@@ -369,4 +358,25 @@ async def test_one_try_of_a_run_is_cancelled_and_its_others_go_on() -> None:
     await asyncio.sleep(0.05)
     assert len(conn.sent) == 3  # the cancelled thread's return is dropped
     assert not worker.by_run
+    worker.threads.shutdown()
+
+
+@on_loop
+async def test_serve_handles_messages_as_they_arrive_until_stop() -> None:
+    ours, theirs = socket.socketpair()
+    supervisor = await Connection.from_socket(ours, name="worker")
+    conn = await Connection.from_socket(theirs, name="supervisor")
+    worker = Worker(conn, registry, "served", 1)
+    serving = asyncio.create_task(worker.serve())
+    await asyncio.sleep(0.01)
+    # A try, then stop in the same write: the try's outcome still goes out,
+    # and nothing after the stop is handled.
+    supervisor.send_many([_try("where"), {"op": "stop"}, {"op": "ping"}])
+    async with asyncio.timeout(5):
+        await serving
+        outcome = await supervisor.recv()
+    assert outcome is not None and outcome["ok"] and outcome["op"] == "outcome"
+    await conn.close()
+    assert await supervisor.recv() is None  # no pong
+    await supervisor.close()
     worker.threads.shutdown()

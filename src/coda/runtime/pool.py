@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -140,24 +141,25 @@ class WorkerPool:
 
     async def _read(self, handle: WorkerHandle) -> None:
         try:
-            while True:
-                msg = await handle.conn.recv()
-                if msg is None:
-                    break
-                try:
-                    self.on_message(handle, msg)
-                except Exception:
-                    # A bug of ours: dropping the worker would charge its tries
-                    # for it. Say so loudly and go on with the next message.
-                    logger.exception(
-                        "worker %s: the supervisor failed handling its %r message; "
-                        "this is a bug, please report it",
-                        handle.name,
-                        msg.get("op"),
-                    )
+            # Each message is handled as soon as it arrives, in the callback
+            # that receives it (see `Connection.serve`).
+            await handle.conn.serve(functools.partial(self._handle, handle))
         except ProtocolError as exc:
             handle.lost_reason = f"protocol error: {exc}"
         await self._lose(handle)
+
+    def _handle(self, handle: WorkerHandle, msg: dict[str, Any]) -> None:
+        try:
+            self.on_message(handle, msg)
+        except Exception:
+            # A bug of ours: dropping the worker would charge its tries for
+            # it. Say so loudly and go on with the next message.
+            logger.exception(
+                "worker %s: the supervisor failed handling its %r message; "
+                "this is a bug, please report it",
+                handle.name,
+                msg.get("op"),
+            )
 
     async def _lose(self, handle: WorkerHandle) -> None:
         if not handle.alive:

@@ -69,30 +69,36 @@ class Worker:
         self.by_run: dict[str, set[asyncio.Task[None] | _ThreadTry]] = {}
 
     async def serve(self) -> None:
+        """Handle the supervisor's messages until it says stop or goes away."""
         self.threads.loop = asyncio.get_running_loop()
-        while True:
-            msg = await self.conn.recv()
-            if msg is None or msg["op"] == "stop":
-                return
-            op = msg["op"]
-            if op == "task":
-                self._start_try(msg)
-            elif op == "cancel":
-                # The run ended (cancelled, or done without awaiting this task),
-                # or, with "try", the supervisor no longer counts that one try.
-                # TODO: a plain-def task keeps running in its thread: Python
-                # cannot stop a thread, so its side effects still happen, and
-                # the worker carries an extra thread (its slot goes to a new
-                # one, see `_TryThreads.abandon`) until the function returns.
-                self._cancel(msg["run"], msg.get("try"))
-            elif op == "activate":
-                self._activate(msg)
-            elif op == "drop":
-                self.instances.pop(msg["run"], None)
-            elif op == "ping":
-                self.conn.send({"op": "pong"})
-            else:
-                logger.warning("worker %s ignores unknown message %r", self.name, op)
+        # Each message is handled as soon as it arrives, in the callback that
+        # receives it (see `Connection.serve`).
+        await self.conn.serve(self.on_message)
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        """Handle one message, in the callback that received it. What this
+        raises ends `serve`, and so the worker, as a bug of ours."""
+        op = msg["op"]
+        if op == "task":
+            self._start_try(msg)
+        elif op == "cancel":
+            # The run ended (cancelled, or done without awaiting this task),
+            # or, with "try", the supervisor no longer counts that one try.
+            # TODO: a plain-def task keeps running in its thread: Python
+            # cannot stop a thread, so its side effects still happen, and
+            # the worker carries an extra thread (its slot goes to a new
+            # one, see `_TryThreads.abandon`) until the function returns.
+            self._cancel(msg["run"], msg.get("try"))
+        elif op == "activate":
+            self._activate(msg)
+        elif op == "drop":
+            self.instances.pop(msg["run"], None)
+        elif op == "ping":
+            self.conn.send({"op": "pong"})
+        elif op == "stop":
+            self.conn.stop_serving()
+        else:
+            logger.warning("worker %s ignores unknown message %r", self.name, op)
 
     def _cancel(self, run_id: str, only: list[int] | None) -> None:
         """Cancel the run's tries here, or only the one keyed [attempt, step, try]."""
