@@ -10,6 +10,7 @@ cancellations, parking, resuming and retrying runs.
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -243,16 +244,19 @@ def test_status_after_agrees_with_the_fold(sim: Simulator) -> None:
 
 def test_the_simulator_reaches_every_label() -> None:
     # Guard against a simulator that quietly stops producing some event: the
-    # properties above would still pass, proving less than they claim.
+    # properties above would still pass, proving less than they claim. The
+    # choices come from a seeded generator, not from hypothesis, whose draws
+    # depend on which modules happen to be imported (it mines their source for
+    # constants), and some labels (a reused result) are rare.
+    rng = random.Random(20261204)
     seen: dict[str, int] = {}
-
-    @settings(max_examples=100, database=None, derandomize=True, deadline=None)
-    @given(histories())
-    def collect(sim: Simulator) -> None:
-        for label in {event_label(e) for e in sim.events}:
+    for _ in range(300):
+        simulator = Simulator(
+            [rng.randrange(2**16) for _ in range(rng.randrange(75, 301))]
+        )
+        simulator.run([f"run-{i}" for i in range(rng.randrange(1, 4))])
+        for label in {event_label(e) for e in simulator.events}:
             seen[label] = seen.get(label, 0) + 1
-
-    collect()
     labels = {label for _, label in RUN_TRANSITIONS}
     assert labels - set(seen) == set(), seen
 
