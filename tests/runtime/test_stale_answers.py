@@ -18,7 +18,7 @@ import pytest
 from coda.definitions import load_app
 from coda.journal.events import RetryPolicy, RunSubmitted, TaskScheduled
 from coda.journal.sqlite import SQLiteJournal
-from coda.replay.engine import ScheduleTask
+from coda.replay.engine import CompleteRun, ScheduleTask
 from coda.runtime.pool import WorkerHandle
 from coda.runtime.supervisor import Supervisor
 from coda.runtime.wire import encode_command
@@ -175,6 +175,45 @@ async def _suspect_of_a_cancelled_run(tmp_path: Path) -> None:
              "ok": True, "result": 8},
         )  # fmt: skip
         assert list(worker.tries) == [("r2", 1, 0, 1)]
+    finally:
+        supervisor.pool.workers.clear()
+        await supervisor.stop()
+        await journal.close()
+
+
+@pytest.mark.parametrize("let_go", [True, False])
+def test_a_host_that_let_the_instance_go_is_not_told_to_drop_it(
+    tmp_path: Path, let_go: bool
+) -> None:
+    asyncio.run(_ended_instance(tmp_path, let_go))
+
+
+async def _ended_instance(tmp_path: Path, let_go: bool) -> None:
+    journal = await SQLiteJournal.open(tmp_path / "coda.db")
+    supervisor = Supervisor(journal, APP, load_app(APP), workers=0)
+    supervisor.LINGER = 0.0
+    outbox = Outbox()
+    worker = WorkerHandle("w1", None, outbox, 0.0)  # type: ignore[arg-type]
+    supervisor.pool.workers.append(worker)
+    await supervisor.start()
+    try:
+        assert await supervisor.submit("echo", {"value": 7}, "r1") == ("r1", True)
+        waiter = supervisor.waiter("r1")
+        assert waiter is not None
+        answer = {
+            "op": "commands",
+            "run": "r1",
+            "n": 1,
+            "commands": [encode_command(CompleteRun(attempt=1, result=7))],
+        }
+        if let_go:
+            answer["finished"] = True
+        supervisor._on_worker_message(worker, answer)
+        summary = await asyncio.wait_for(waiter, 5)
+        assert (summary.status, summary.result) == ("completed", 7)
+        drops = [m for m in outbox.sent if m["op"] == "drop"]
+        assert drops == ([] if let_go else [{"op": "drop", "run": "r1"}])
+        assert "r1" not in worker.hosted
     finally:
         supervisor.pool.workers.clear()
         await supervisor.stop()

@@ -17,9 +17,13 @@ from typing import Any
 import pytest
 
 import coda
+from coda import decide
 from coda.definitions import Registry
+from coda.journal import codec
+from coda.journal.events import RetryPolicy
 from coda.protocol import Connection
 from coda.runtime.worker import Worker
+from coda.state import fold
 
 
 class RecordingConnection:
@@ -380,3 +384,40 @@ async def test_serve_handles_messages_as_they_arrive_until_stop() -> None:
     assert await supervisor.recv() is None  # no pong
     await supervisor.close()
     worker.threads.shutdown()
+
+
+@coda.workflow(registry=registry)
+async def doubled(n: int) -> int:
+    return await coda.context.spawn_task(async_double, args={"n": n}) + 0
+
+
+@coda.workflow(registry=registry)
+async def at_once(n: int) -> int:
+    return n
+
+
+def _activation(workflow: str, run: str) -> dict[str, Any]:
+    state, events = decide.new_run(run, workflow, {"n": 3}, RetryPolicy(), 100.0)
+    events += decide.start_attempt(fold(events) or state, 100.0)
+    return {
+        "op": "activate",
+        "run": run,
+        "n": 1,
+        "workflow": workflow,
+        "args": {"n": 3},
+        "full": True,
+        "events": [codec.encode_dict(e) for e in events],
+    }
+
+
+@on_loop
+async def test_an_instance_whose_code_ended_is_let_go_and_the_answer_says_so() -> None:
+    worker, conn = _worker()
+    worker.on_message(_activation("doubled", "waits"))
+    worker.on_message(_activation("at_once", "ends"))
+    waits, ends = conn.sent
+    assert (waits["run"], ends["run"]) == ("waits", "ends")
+    assert "finished" not in waits
+    assert ends["finished"] is True
+    assert [c["type"] for c in ends["commands"]] == ["CompleteRun"]
+    assert list(worker.instances) == ["waits"]

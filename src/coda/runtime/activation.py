@@ -143,6 +143,13 @@ class Activations:
         if run is None:
             return  # that host, or the next activation, will answer
         run.activating = False
+        if msg.get("finished"):
+            # The run ended or its code returned, and the host let the
+            # instance go: nothing to drop once the run ends; should the run
+            # go on after all (its completion not recorded), it is hosted
+            # afresh from its history.
+            worker.hosted.discard(run.run_id)
+            run.host = None
         commands = [decode_command(c) for c in msg["commands"]]
         events = decide.on_commands(run.state, commands, self.clock())
         self.stats.tasks_reused += sum(isinstance(c, ReuseResult) for c in commands)

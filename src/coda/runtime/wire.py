@@ -13,7 +13,9 @@ Supervisor to worker:
     {"op": "stop"}                           finish up and exit
 
 Worker to supervisor:
-    {"op": "commands", "run": id, "n": number, "commands": [command, ...]}
+    {"op": "commands", "run": id, "n": number, "commands": [command, ...],
+     "finished": true (only when the run ended or its code returned, and
+     the worker let the instance go)}
     {"op": "diverged", "run": id, "n": number, "error": error}
     {"op": "resync", "run": id, "n": number}
                                              answers to activation number n

@@ -40,7 +40,7 @@ from coda.errors import CodaError, NondeterminismError, ProtocolError, UnknownNa
 from coda.journal import codec
 from coda.journal.events import ErrorInfo
 from coda.protocol import Connection, HandshakeRefused, client_handshake
-from coda.replay.engine import WorkflowInstance
+from coda.replay.engine import CompleteRun, WorkflowInstance
 from coda.runtime import faults
 from coda.runtime.heap import settle_heap
 from coda.runtime.wire import (
@@ -156,15 +156,20 @@ class Worker:
             error = encode_error(ErrorInfo.from_exception(exc, traceback.format_exc()))
             self.conn.send({"op": "diverged", **answer, "error": error})
             return
-        if instance.finished:
+        reply = {
+            "op": "commands",
+            **answer,
+            "commands": [encode_command(c) for c in commands],
+        }
+        if instance.finished or any(type(c) is CompleteRun for c in commands):
+            # The run ended, or its code returned: nothing more to feed the
+            # instance (should the completion not be recorded, the supervisor
+            # hosts the run afresh from its history). Saying so spares the
+            # supervisor telling this worker to drop it. An attempt that
+            # failed keeps its instance: the next attempt may follow.
             self.instances.pop(run_id, None)
-        self.conn.send(
-            {
-                "op": "commands",
-                **answer,
-                "commands": [encode_command(c) for c in commands],
-            }
-        )
+            reply["finished"] = True
+        self.conn.send(reply)
         faults.crash_point("worker.commands_sent")
 
     # Tasks.
