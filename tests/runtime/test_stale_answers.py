@@ -10,6 +10,8 @@ worker whose messages the test writes by hand.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,26 @@ class Outbox:
         self.sent.append(msg)
 
 
+@contextlib.asynccontextmanager
+async def _stand_in(
+    tmp_path: Path, linger: float = 0.0
+) -> AsyncIterator[tuple[Supervisor, WorkerHandle, Outbox, SQLiteJournal]]:
+    """A supervisor in this process whose one worker is `Outbox`."""
+    journal = await SQLiteJournal.open(tmp_path / "coda.db")
+    supervisor = Supervisor(journal, APP, load_app(APP), workers=0)
+    supervisor.LINGER = linger
+    outbox = Outbox()
+    worker = WorkerHandle("w1", None, outbox, 0.0)  # type: ignore[arg-type]
+    supervisor.pool.workers.append(worker)
+    await supervisor.start()
+    try:
+        yield supervisor, worker, outbox, journal
+    finally:
+        supervisor.pool.workers.clear()
+        await supervisor.stop()
+        await journal.close()
+
+
 @pytest.fixture(autouse=True)
 def _app_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(APPS))
@@ -64,14 +86,7 @@ def _schedule(run_id: str, n: int | None, x: int) -> dict[str, Any]:
 
 
 async def _stale(tmp_path: Path) -> None:
-    journal = await SQLiteJournal.open(tmp_path / "coda.db")
-    supervisor = Supervisor(journal, APP, load_app(APP), workers=0)
-    supervisor.LINGER = 0.0
-    outbox = Outbox()
-    worker = WorkerHandle("w1", None, outbox, 0.0)  # type: ignore[arg-type]
-    supervisor.pool.workers.append(worker)
-    await supervisor.start()
-    try:
+    async with _stand_in(tmp_path) as (supervisor, worker, outbox, journal):
         assert await supervisor.submit("quick", {"x": 4}, "r1") == ("r1", True)
         first = [m for m in outbox.sent if m["op"] == "activate"]
         assert [m["n"] for m in first] == [1]
@@ -96,10 +111,6 @@ async def _stale(tmp_path: Path) -> None:
         history = await journal.history("r1")
         assert isinstance(history[0], RunSubmitted)
         assert [e.args for e in history if isinstance(e, TaskScheduled)] == [{"x": 4}]
-    finally:
-        supervisor.pool.workers.clear()
-        await supervisor.stop()
-        await journal.close()
 
 
 def test_a_try_the_supervisor_stops_counting_is_cancelled_on_its_worker(
@@ -109,13 +120,8 @@ def test_a_try_the_supervisor_stops_counting_is_cancelled_on_its_worker(
 
 
 async def _forgotten_try(tmp_path: Path) -> None:
-    journal = await SQLiteJournal.open(tmp_path / "coda.db")
-    supervisor = Supervisor(journal, APP, load_app(APP), workers=0)
-    outbox = Outbox()
-    worker = WorkerHandle("w1", None, outbox, 0.0)  # type: ignore[arg-type]
-    supervisor.pool.workers.append(worker)
-    await supervisor.start()
-    try:
+    linger = Supervisor.LINGER
+    async with _stand_in(tmp_path, linger) as (supervisor, worker, outbox, _):
         assert await supervisor.submit("quick", {"x": 4}, "r1") == ("r1", True)
         state = supervisor.runs["r1"].state
         # A try the worker holds whose start the journal does not have (its
@@ -125,10 +131,6 @@ async def _forgotten_try(tmp_path: Path) -> None:
         assert ("r1", 1, 5, 1) not in worker.tries
         cancels = [m for m in outbox.sent if m["op"] == "cancel"]
         assert cancels == [{"op": "cancel", "run": "r1", "try": [1, 5, 1]}]
-    finally:
-        supervisor.pool.workers.clear()
-        await supervisor.stop()
-        await journal.close()
 
 
 def test_a_worker_running_a_suspect_alone_is_free_once_that_run_ends(
@@ -137,28 +139,21 @@ def test_a_worker_running_a_suspect_alone_is_free_once_that_run_ends(
     asyncio.run(_suspect_of_a_cancelled_run(tmp_path))
 
 
+async def _task_sent(outbox: Outbox, run_id: str) -> bool:
+    for _ in range(100):
+        if any(m["op"] == "task" and m["run"] == run_id for m in outbox.sent):
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 async def _suspect_of_a_cancelled_run(tmp_path: Path) -> None:
-    journal = await SQLiteJournal.open(tmp_path / "coda.db")
-    supervisor = Supervisor(journal, APP, load_app(APP), workers=0)
-    supervisor.LINGER = 0.0
-    outbox = Outbox()
-    worker = WorkerHandle("w1", None, outbox, 0.0)  # type: ignore[arg-type]
-    supervisor.pool.workers.append(worker)
-    await supervisor.start()
-
-    async def task_sent(run_id: str) -> bool:
-        for _ in range(100):
-            if any(m["op"] == "task" and m["run"] == run_id for m in outbox.sent):
-                return True
-            await asyncio.sleep(0.01)
-        return False
-
-    try:
+    async with _stand_in(tmp_path) as (supervisor, worker, outbox, _):
         # r1's step ran on a worker that died with others: it runs alone.
         supervisor.dispatcher._suspects.add(("r1", 1, 0))
         assert await supervisor.submit("quick", {"x": 4}, "r1") == ("r1", True)
         supervisor._on_worker_message(worker, _schedule("r1", 1, x=4))
-        assert await task_sent("r1")
+        assert await _task_sent(outbox, "r1")
         assert worker.exclusive
 
         # The run is cancelled while its try runs: the worker takes others.
@@ -167,7 +162,7 @@ async def _suspect_of_a_cancelled_run(tmp_path: Path) -> None:
         assert not supervisor.dispatcher._suspects
         assert await supervisor.submit("quick", {"x": 5}, "r2") == ("r2", True)
         supervisor._on_worker_message(worker, _schedule("r2", 1, x=5))
-        assert await task_sent("r2"), "the worker stayed reserved for r1's try"
+        assert await _task_sent(outbox, "r2"), "the worker stayed reserved for r1's try"
         # r1's outcome, should it still come, is dropped.
         supervisor._on_worker_message(
             worker,
@@ -175,10 +170,6 @@ async def _suspect_of_a_cancelled_run(tmp_path: Path) -> None:
              "ok": True, "result": 8},
         )  # fmt: skip
         assert list(worker.tries) == [("r2", 1, 0, 1)]
-    finally:
-        supervisor.pool.workers.clear()
-        await supervisor.stop()
-        await journal.close()
 
 
 @pytest.mark.parametrize("let_go", [True, False])
@@ -189,14 +180,7 @@ def test_a_host_that_let_the_instance_go_is_not_told_to_drop_it(
 
 
 async def _ended_instance(tmp_path: Path, let_go: bool) -> None:
-    journal = await SQLiteJournal.open(tmp_path / "coda.db")
-    supervisor = Supervisor(journal, APP, load_app(APP), workers=0)
-    supervisor.LINGER = 0.0
-    outbox = Outbox()
-    worker = WorkerHandle("w1", None, outbox, 0.0)  # type: ignore[arg-type]
-    supervisor.pool.workers.append(worker)
-    await supervisor.start()
-    try:
+    async with _stand_in(tmp_path) as (supervisor, worker, outbox, _):
         assert await supervisor.submit("echo", {"value": 7}, "r1") == ("r1", True)
         waiter = supervisor.waiter("r1")
         assert waiter is not None
@@ -214,7 +198,3 @@ async def _ended_instance(tmp_path: Path, let_go: bool) -> None:
         drops = [m for m in outbox.sent if m["op"] == "drop"]
         assert drops == ([] if let_go else [{"op": "drop", "run": "r1"}])
         assert "r1" not in worker.hosted
-    finally:
-        supervisor.pool.workers.clear()
-        await supervisor.stop()
-        await journal.close()
