@@ -161,7 +161,9 @@ async def _suspect_of_a_cancelled_run(tmp_path: Path) -> None:
         assert not worker.exclusive
         assert not supervisor.dispatcher._suspects
         assert await supervisor.submit("quick", {"x": 5}, "r2") == ("r2", True)
-        supervisor._on_worker_message(worker, _schedule("r2", 1, x=5))
+        # Activation numbers are the supervisor's: r2's first is not 1.
+        *_, n = [m["n"] for m in outbox.sent if m["op"] == "activate"]  # r2's
+        supervisor._on_worker_message(worker, _schedule("r2", n, x=5))
         assert await _task_sent(outbox, "r2"), "the worker stayed reserved for r1's try"
         # r1's outcome, should it still come, is dropped.
         supervisor._on_worker_message(
@@ -198,3 +200,43 @@ async def _ended_instance(tmp_path: Path, let_go: bool) -> None:
         drops = [m for m in outbox.sent if m["op"] == "drop"]
         assert drops == ([] if let_go else [{"op": "drop", "run": "r1"}])
         assert "r1" not in worker.hosted
+
+
+def test_an_answer_to_a_run_before_it_was_retried_is_dropped(tmp_path: Path) -> None:
+    asyncio.run(_answer_from_before_a_retry(tmp_path))
+
+
+async def _answer_from_before_a_retry(tmp_path: Path) -> None:
+    async with _stand_in(tmp_path) as (supervisor, worker, outbox, _):
+        assert await supervisor.submit("echo", {"value": 7}, "r1") == ("r1", True)
+        # Cancelled and retried while the host still runs the first
+        # activation's code: the retried run is hosted on the same worker.
+        assert await supervisor.cancel("r1", "enough")
+        assert await supervisor.reopen("r1", "again")
+        activations = [m for m in outbox.sent if m["op"] == "activate"]
+        assert len(activations) == 2
+        before, after = (m["n"] for m in activations)
+
+        # The answer to the activation before the cancel arrives now: its
+        # code returned, and the host let that instance go.
+        def answer(n: int, attempt: int) -> dict[str, Any]:
+            complete = CompleteRun(attempt=attempt, result=7)
+            return {
+                "op": "commands",
+                "run": "r1",
+                "n": n,
+                "commands": [encode_command(complete)],
+                "finished": True,
+            }
+
+        supervisor._on_worker_message(worker, answer(before, 1))
+        run = supervisor.runs["r1"]
+        assert run.activating, "an answer from before the retry was taken"
+        assert run.host is worker
+
+        # The answer to the retried run's activation completes it.
+        waiter = supervisor.waiter("r1")
+        assert waiter is not None
+        supervisor._on_worker_message(worker, answer(after, 2))
+        summary = await asyncio.wait_for(waiter, 5)
+        assert (summary.status, summary.result) == ("completed", 7)

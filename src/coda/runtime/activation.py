@@ -9,14 +9,18 @@ while that is being written, since it acts on nothing itself.
 At most one activation per run is in flight, so an instance never sees
 events out of order, and each carries a number that the host's answer
 repeats: an answer to an earlier one (sent before the run was reread, say)
-is stale and dropped. An answer is the instance's commands, which are decided
-on and recorded; a request to be sent the whole history again (the host lost
-the instance); or the news that the code no longer replays its own history,
-which parks the run until fixed code is deployed.
+is stale and dropped. The numbers are the supervisor's, not the run's: a run
+cancelled and retried, or submitted again after its submission failed, is a
+new `LiveRun`, and its activations must not share numbers with answers still
+coming for the one before. An answer is the instance's commands, which are
+decided on and recorded; a request to be sent the whole history again (the
+host lost the instance); or the news that the code no longer replays its own
+history, which parks the run until fixed code is deployed.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +68,12 @@ class Activations:
         self.stats = stats
         self._record = record
         self.clock = clock
+        # Activation numbers, never reused while the supervisor runs (see the
+        # header): an answer from a run's earlier LiveRun that took the number
+        # of the activation in flight would be decided on in its place, and
+        # if its host let that instance go, the real answer would be dropped
+        # and the run left waiting for ever.
+        self._numbers = itertools.count(1)
 
     def activate(self, run: LiveRun, *, early: bool = False) -> None:
         """Feed the run's instance what it has not seen of its durable history.
@@ -96,7 +106,7 @@ class Activations:
             run.outbox = run.outbox[len(events) :]
         assert host is not None
         run.activating = True
-        run.activation += 1
+        run.activation = next(self._numbers)
         message = {
             "op": "activate",
             "run": run.run_id,

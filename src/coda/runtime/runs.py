@@ -48,8 +48,9 @@ class LiveRun:
     # Events at positions below this are durable. The state runs ahead of it
     # while decisions are being written; only what is durable may be told.
     durable: int = 0
-    # The number of the last activation sent; a host's answer names the one
-    # it answers, and answers to earlier ones are stale.
+    # The number of the last activation sent (`Activations` numbers them all
+    # alike); a host's answer names the one it answers, and answers to earlier
+    # ones are stale.
     activation: int = 0
     # An append of the run's failed and its state is being reread from the
     # journal: nothing is decided for it meanwhile (see
