@@ -8,9 +8,9 @@ which on the supervisor's worker links is a dozen microseconds for every hop
 of every message.
 
 `PushProtocol` is the protocol under a connection made by
-`coda.protocol.Connection.from_socket`. It is a StreamReaderProtocol, wired up
-by `open_socket` the way `asyncio.open_connection` wires its own (whose
-docstring says to copy it to customise the protocol), and it overrides only
+`coda.protocol.Connection.open` or `from_socket`. It is a StreamReaderProtocol,
+wired up by `open_stream` the way `asyncio.open_connection` wires its own
+(whose docstring says to copy it to customise the protocol), and it overrides only
 callbacks of the public `asyncio.Protocol` interface. While its connection
 does not serve, it is a plain StreamReaderProtocol that counts what it gives
 the reader. While it serves, the bytes go to the connection's ``on_data``
@@ -30,10 +30,10 @@ holding too much.
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-__all__ = ["PushProtocol", "open_socket"]
+__all__ = ["Connect", "PushProtocol", "open_stream"]
 
 
 class PushProtocol(asyncio.StreamReaderProtocol):
@@ -86,12 +86,21 @@ class PushProtocol(asyncio.StreamReaderProtocol):
             self.on_end()
 
 
-async def open_socket(
-    sock: socket.socket,
+Connect = Callable[
+    [Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.Transport, Any]]
+]
+
+
+async def open_stream(
+    connect: Connect,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, PushProtocol]:
-    """`asyncio.open_connection(sock=sock)`, with a `PushProtocol` under it."""
+    """A (reader, writer) pair with a `PushProtocol` under it.
+
+    `connect(factory)` is one of the loop's connecting methods with its
+    address given, e.g. ``lambda f: loop.create_unix_connection(f, path)``.
+    """
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(loop=loop)
     protocol = PushProtocol(reader, loop)
-    transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
+    transport, _ = await connect(lambda: protocol)
     return reader, asyncio.StreamWriter(transport, protocol, reader, loop), protocol

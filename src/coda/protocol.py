@@ -76,7 +76,7 @@ from typing import Any, TypeAlias
 
 import orjson
 
-from coda._push import PushProtocol, open_socket
+from coda._push import Connect, PushProtocol, open_stream
 from coda.errors import CodaError, ProtocolError, ValueNotJSON, ValueTooLarge
 
 __all__ = [
@@ -381,7 +381,18 @@ class Connection:
         `serve` on such a connection handles each message a turn of the loop
         sooner than a loop on `recv` would.
         """
-        reader, writer, push = await open_socket(sock)
+        return await cls.open(
+            lambda factory: asyncio.get_running_loop().create_connection(
+                factory, sock=sock
+            ),
+            **kwargs,
+        )
+
+    @classmethod
+    async def open(cls, connect: Connect, **kwargs: Any) -> Connection:
+        """Connect with `connect(factory)`, one of the loop's connecting
+        methods with its address given; `serve` works as on `from_socket`."""
+        reader, writer, push = await open_stream(connect)
         conn = cls(reader, writer, **kwargs)
         conn._push = push
         return conn

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from coda.definitions import load_app
-from coda.errors import RunNotFound, UnknownNameError
+from coda.errors import ProtocolError, RunNotFound, UnknownNameError
 from coda.runtime.client import Client, RequestError
 from coda.runtime.server import ClientServer
 from coda.runtime.supervisor import Supervisor
@@ -154,3 +154,10 @@ async def _refusals(tmp_path: Path) -> None:
         with pytest.raises(RequestError, match="could not be recorded"):
             await submit
         journal.full = False
+
+        # A request the supervisor does not know closes the connection: the
+        # refusal answers no request id, and the requests waiting fail with it.
+        with pytest.raises(RequestError, match="unknown request 'launch'"):
+            await client.request("launch")
+        with pytest.raises(ProtocolError, match="closed"):
+            await client.request("stats")

@@ -14,11 +14,13 @@ in flight on one client; replies are matched to requests by id.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 from pathlib import Path
 from typing import Any
 
+from coda._push import Connect
 from coda.definitions import WorkflowDef
 from coda.errors import (
     CodaError,
@@ -60,6 +62,7 @@ class Client:
         self._conn = conn
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._refused: RequestError | None = None
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -76,19 +79,23 @@ class Client:
         if address is None:
             address = default_socket_path(journal or DEFAULT_JOURNAL)
         target = str(address)
+        loop = asyncio.get_running_loop()
+        connect: Connect
+        if target.startswith("tcp://"):
+            host, _, port = target[len("tcp://") :].rpartition(":")
+            connect = functools.partial(loop.create_connection, host=host, port=port)
+        else:
+            connect = functools.partial(loop.create_unix_connection, path=target)
         try:
             async with asyncio.timeout(timeout):
-                if target.startswith("tcp://"):
-                    host, _, port = target[len("tcp://") :].rpartition(":")
-                    reader, writer = await asyncio.open_connection(host, int(port))
-                else:
-                    reader, writer = await asyncio.open_unix_connection(target)
+                # A connection the replies are handed on from as they arrive
+                # (`Connection.serve`), a turn of the loop sooner.
+                conn = await Connection.open(connect, name=f"supervisor at {target}")
         except (OSError, TimeoutError) as exc:
             raise CodaError(
                 f"cannot reach a supervisor at {target}: {exc}. Is `coda run` "
                 "running for this journal? (--journal, --address or CODA_ADDRESS)"
             ) from exc
-        conn = Connection(reader, writer, name=f"supervisor at {target}")
         if token:
             await client_handshake(conn, "client", token=token)
         else:
@@ -108,22 +115,24 @@ class Client:
     async def _read(self) -> None:
         error: BaseException = ProtocolError("the supervisor closed the connection")
         try:
-            while True:
-                msg = await self._conn.recv()
-                if msg is None:
-                    break
-                future = self._pending.pop(msg.get("id", -1), None)
-                if future is not None and not future.done():
-                    future.set_result(msg)
-                elif msg["op"] == "error":
-                    error = RequestError(str(msg.get("code")), str(msg.get("message")))
-                    break
+            await self._conn.serve(self._on_reply)
+            error = self._refused or error
         except ProtocolError as exc:
             error = exc
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+
+    def _on_reply(self, msg: dict[str, Any]) -> None:
+        future = self._pending.pop(msg.get("id", -1), None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+        elif msg["op"] == "error":
+            # An error that answers no request: the supervisor refuses the
+            # connection, and every request waiting fails with it.
+            self._refused = RequestError(str(msg.get("code")), str(msg.get("message")))
+            self._conn.stop_serving()
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         if self._reader.done():
