@@ -33,16 +33,19 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["Connect", "PushProtocol", "open_stream"]
+__all__ = ["ClientConnected", "Connect", "PushProtocol", "open_stream", "serving"]
 
 
 class PushProtocol(asyncio.StreamReaderProtocol):
     """A StreamReaderProtocol that can hand received bytes to a callback."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop
+        self,
+        reader: asyncio.StreamReader,
+        loop: asyncio.AbstractEventLoop,
+        client_connected_cb: ClientConnected | None = None,
     ) -> None:
-        super().__init__(reader, loop=loop)
+        super().__init__(reader, client_connected_cb, loop=loop)
         self.on_data: Callable[[bytes], None] | None = None
         self.on_end: Callable[[], None] | None = None
         # What the StreamReader was given (bytes, and whether the stream
@@ -86,6 +89,9 @@ class PushProtocol(asyncio.StreamReaderProtocol):
             self.on_end()
 
 
+ClientConnected = Callable[
+    [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None
+]
 Connect = Callable[
     [Callable[[], asyncio.Protocol]], Awaitable[tuple[asyncio.Transport, Any]]
 ]
@@ -93,7 +99,7 @@ Connect = Callable[
 
 async def open_stream(
     connect: Connect,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, PushProtocol]:
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A (reader, writer) pair with a `PushProtocol` under it.
 
     `connect(factory)` is one of the loop's connecting methods with its
@@ -103,4 +109,17 @@ async def open_stream(
     reader = asyncio.StreamReader(loop=loop)
     protocol = PushProtocol(reader, loop)
     transport, _ = await connect(lambda: protocol)
-    return reader, asyncio.StreamWriter(transport, protocol, reader, loop), protocol
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def serving(client_connected: ClientConnected) -> Callable[[], PushProtocol]:
+    """The protocol factory for a server of the loop's (`create_unix_server`,
+    `create_server`) that calls `client_connected(reader, writer)` for each
+    connection, as `asyncio.start_server` does, with a `PushProtocol` under it.
+    """
+
+    def factory() -> PushProtocol:
+        loop = asyncio.get_running_loop()
+        return PushProtocol(asyncio.StreamReader(loop=loop), loop, client_connected)
+
+    return factory

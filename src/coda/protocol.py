@@ -351,6 +351,8 @@ class Connection:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         name: str = "peer",
     ) -> None:
+        """`serve` hands messages on a turn sooner if the writer's transport
+        has a `PushProtocol` (`open`, `from_socket`, `coda._push.serving`)."""
         self.reader = reader
         self.writer = writer
         self.name = name
@@ -364,8 +366,9 @@ class Connection:
         self._closed = False
         # Bytes `recv` has taken from the reader (see `PushProtocol.fed`).
         self._consumed = 0
-        # Set by `from_socket`: the protocol that can push bytes to `serve`.
-        self._push: PushProtocol | None = None
+        # The protocol that can push bytes to `serve`, if it is one.
+        protocol = writer.transport.get_protocol()
+        self._push = protocol if isinstance(protocol, PushProtocol) else None
         self._serving = False
         # The handler of the running `serve`, until `stop_serving`.
         self._handler: Callable[[Message], object] | None = None
@@ -392,10 +395,8 @@ class Connection:
     async def open(cls, connect: Connect, **kwargs: Any) -> Connection:
         """Connect with `connect(factory)`, one of the loop's connecting
         methods with its address given; `serve` works as on `from_socket`."""
-        reader, writer, push = await open_stream(connect)
-        conn = cls(reader, writer, **kwargs)
-        conn._push = push
-        return conn
+        reader, writer = await open_stream(connect)
+        return cls(reader, writer, **kwargs)
 
     @property
     def closed(self) -> bool:

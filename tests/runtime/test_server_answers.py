@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from coda.definitions import load_app
@@ -24,6 +27,7 @@ from coda.runtime.server import ClientServer
 from coda.runtime.supervisor import Supervisor
 
 from .support import APP, APPS, FillingJournal, base_env
+from .test_client_socket import HELLO, message
 
 
 @pytest.fixture(autouse=True)
@@ -161,3 +165,48 @@ async def _refusals(tmp_path: Path) -> None:
             await client.request("launch")
         with pytest.raises(ProtocolError, match="closed"):
             await client.request("stats")
+
+
+def test_a_client_that_does_not_read_its_replies_is_not_read_either(
+    tmp_path: Path,
+) -> None:
+    asyncio.run(_unread_replies(tmp_path))
+
+
+async def _read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
+    (length,) = struct.unpack(">I", await reader.readexactly(4))
+    msg: dict[str, Any] = orjson.loads(await reader.readexactly(length))
+    return msg
+
+
+async def _unread_replies(tmp_path: Path) -> None:
+    async with _serving(tmp_path) as (_, _, client), asyncio.timeout(60):
+        # A run whose history is about 6 MB: three of its replies pass the
+        # supervisor's 16 MiB limit of replies waiting for one client.
+        big = "x" * 3_000_000
+        assert len(await client.run("echo", {"value": big}, run_id="big")) == len(big)
+        reader, writer = await asyncio.open_unix_connection(tmp_path / "s.sock")
+        writer.write(message(HELLO))
+        assert (await _read_message(reader))["op"] == "welcome"
+        # Requests of 500 KB each, no reply read: once past the limit the
+        # supervisor stops reading, the kernel's buffers (a few hundred KB)
+        # fill, and sending stalls long before all 20 are out.
+        pad = "p" * 500_000
+        requests = [
+            message({"op": "history", "id": n, "run_id": "big", "pad": pad})
+            for n in range(20)
+        ]
+        sent = 0
+        for request in requests:
+            writer.write(request)
+            try:
+                await asyncio.wait_for(writer.drain(), 2.0)
+            except TimeoutError:
+                break
+            sent += 1
+        assert sent < 10, f"all {sent} requests were read without their replies"
+        # Reading the replies lets the rest through, and every one is answered.
+        writer.write(b"".join(requests[sent + 1 :]))
+        answered = {(await _read_message(reader))["id"] for _ in requests}
+        assert answered == set(range(len(requests)))
+        writer.close()

@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 import orjson
 
+from coda._push import serving
 from coda.errors import (
     CodaError,
     ProtocolError,
@@ -62,6 +63,12 @@ logger = logging.getLogger(__name__)
 # for large results, sent and never read, would otherwise pile their replies
 # up in the supervisor's memory.
 _REPLY_BACKLOG_BYTES = 16 * 1024 * 1024
+# Requests whose replies are read from the journal and may each be as large as
+# a frame (a history, a run's result): at most this many of one client's at
+# once. Without it a client sending many before reading any had them all read
+# before the first reply counted against the backlog (20 histories of 6 MB).
+_READS = frozenset({"history", "status", "list"})
+_READING = 4
 
 # sockaddr_un holds 108 bytes on Linux, the terminating NUL included.
 _MAX_UNIX_PATH = 107
@@ -141,8 +148,8 @@ class ClientServer:
             # could connect.
             old = os.umask(0o177)
             try:
-                server = await asyncio.start_unix_server(
-                    self._serve, path=str(self.socket_path)
+                server = await asyncio.get_running_loop().create_unix_server(
+                    serving(self._serve), path=str(self.socket_path)
                 )
             finally:
                 os.umask(old)
@@ -154,7 +161,9 @@ class ClientServer:
                     f"refusing to listen on {host}:{port} without a token: anyone on "
                     "the network could submit work. Set --token, or use 127.0.0.1"
                 )
-            server = await asyncio.start_server(self._serve, host, port)
+            server = await asyncio.get_running_loop().create_server(
+                serving(self._serve), host, port
+            )
             self._servers.append(server)
 
     async def close(self) -> None:
@@ -185,27 +194,48 @@ class ClientServer:
             reader, writer, name="client", max_frame_bytes=self.max_frame_bytes
         )
         pending: set[asyncio.Task[None]] = set()
-        try:
-            await server_handshake(conn, token=self.token, roles=("client",))
-            while True:
-                if conn.backlog() > _REPLY_BACKLOG_BYTES:
-                    # A client that asks and does not read: read its next
-                    # request once it has taken its replies.
-                    await conn.drain()
-                msg = await conn.recv()
-                if msg is None:
-                    break
-                if msg["op"] not in _OPS:
-                    await conn.close_with_error(
-                        "unknown-op",
-                        f"unknown request {msg['op']!r}; known: {sorted(_OPS)}",
-                    )
-                    break
-                if self._answer_now(conn, msg):
-                    continue
+        # Replies being read from the journal: not queued yet, so not in the
+        # backlog, and each may be as large as a frame.
+        reading: set[asyncio.Task[None]] = set()
+        # Why reading stopped before the client closed: an unknown op, or
+        # replies piling up.
+        stopped: list[str] = []
+
+        def on_request(msg: dict[str, Any]) -> None:
+            # In the transport's callback, as each request arrives.
+            op = msg["op"]
+            if op not in _OPS:
+                stopped.append(op)
+                conn.stop_serving()
+                return
+            if not self._answer_now(conn, msg):
                 request = asyncio.create_task(self._answer(conn, msg))
                 pending.add(request)
                 request.add_done_callback(pending.discard)
+                if op in _READS:
+                    reading.add(request)
+                    request.add_done_callback(reading.discard)
+            if conn.backlog() > _REPLY_BACKLOG_BYTES or len(reading) >= _READING:
+                stopped.append("")
+                conn.stop_serving()
+
+        try:
+            await server_handshake(conn, token=self.token, roles=("client",))
+            while True:
+                await conn.serve(on_request)
+                if not stopped:
+                    break  # the client closed the connection
+                op = stopped.pop()
+                if op:
+                    await conn.close_with_error(
+                        "unknown-op", f"unknown request {op!r}; known: {sorted(_OPS)}"
+                    )
+                    break
+                # A client that asks and does not read: read its next request
+                # once it has taken its replies, those being read included.
+                if reading:
+                    await asyncio.wait(reading)
+                await conn.drain()
         except (ProtocolError, ConnectionClosed) as exc:
             logger.info("client connection closed: %s", exc)
         except asyncio.CancelledError:
