@@ -81,6 +81,9 @@ def test_a_task_that_kills_its_worker_fails_after_its_budget(
     ]
     # ... and a replacement worker answers the next task.
     assert outcome["pid_after"] in coda.worker_pids()
+    # Workers killed by a task they ran are not taken for an app that cannot
+    # start: no growing wait before the next, no advice about imports.
+    assert "keep dying" not in coda.log_text()
 
 
 RAISERS = [

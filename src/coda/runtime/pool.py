@@ -182,7 +182,11 @@ class WorkerPool:
             len(handle.hosted),
         )
         self._last_loss = reason
-        if time.monotonic() - handle.started_at < 2.0:
+        if handle.tries:
+            # Most likely killed by a task it ran, which that task's budget of
+            # lost workers answers for: no reason to wait before the next.
+            self._quick_deaths = 0
+        elif time.monotonic() - handle.started_at < 2.0:
             self._quick_deaths += 1
         else:
             self._quick_deaths = 0
@@ -196,7 +200,8 @@ class WorkerPool:
         if self._quick_deaths >= 3:
             logger.error(
                 "workers keep dying right after they start (the last: %s); next "
-                "one in %.1fs. Check that the app imports cleanly",
+                "one in %.1fs. Check that the app imports cleanly and that no "
+                "workflow code ends its process",
                 self._last_loss,
                 delay,
             )
