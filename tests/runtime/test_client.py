@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -16,7 +18,7 @@ from coda.errors import (
 from coda.runtime.client import Client, RequestError
 from coda.values import DEFAULT_MAX_VALUE_BYTES
 
-from .support import CodaProcess
+from .support import CodaProcess, base_env
 
 
 def test_run_submits_and_waits_in_one_call(coda: CodaProcess) -> None:
@@ -104,3 +106,23 @@ def test_concurrent_retries_of_a_failed_run_reopen_it_once(
         1,
         2,
     ]
+
+
+def test_a_sync_client_never_closed_leaves_no_warning_at_exit(
+    coda: CodaProcess,
+) -> None:
+    script = (
+        "import coda, sys\n"
+        "client = coda.SyncClient(sys.argv[1])\n"
+        "print(client.run('quick', {'x': 1}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(coda.socket)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=base_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3"
+    assert done.stderr == ""

@@ -210,3 +210,18 @@ async def _unread_replies(tmp_path: Path) -> None:
         answered = {(await _read_message(reader))["id"] for _ in requests}
         assert answered == set(range(len(requests)))
         writer.close()
+
+
+def test_a_wait_that_times_out_says_for_what(tmp_path: Path) -> None:
+    asyncio.run(_timeouts(tmp_path))
+
+
+async def _timeouts(tmp_path: Path) -> None:
+    async with _serving(tmp_path) as (_, _, client), asyncio.timeout(30):
+        run_id = await client.submit("punctual", {"seconds": 5})
+        with pytest.raises(TimeoutError, match=f"run {run_id} did not finish within"):
+            await client.result(run_id, timeout=0.2)
+        with pytest.raises(TimeoutError, match="the run of punctual did not finish"):
+            await client.run("punctual", {"seconds": 5}, timeout=0.2)
+        # Both runs go on; the connection too.
+        assert (await client.status(run_id))["status"] == "running"

@@ -14,9 +14,12 @@ in flight on one client; replies are matched to requests by id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import os
+import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +187,8 @@ class Client:
         """
         name = workflow.name if isinstance(workflow, WorkflowDef) else workflow
         args = _args_object(args, name)
-        async with asyncio.timeout(timeout):
+        what = f"run {run_id}" if run_id else f"the run of {name}"
+        async with _within(timeout, what):
             summary = await self.request(
                 "submit", workflow=name, args=args, run_id=run_id, wait=True
             )
@@ -196,7 +200,7 @@ class Client:
 
     async def result(self, run_id: str, timeout: float | None = None) -> Any:
         """The run's result; raises if it failed, was cancelled or is parked."""
-        async with asyncio.timeout(timeout):
+        async with _within(timeout, f"run {run_id}"):
             summary = await self.wait(run_id)
         return result_of(summary)
 
@@ -267,6 +271,10 @@ class SyncClient:
         except BaseException:
             self._loop.close()
             raise
+        # A client a script drops without `close` is closed when collected or
+        # at exit: otherwise its reading task is destroyed pending, and
+        # asyncio says so on stderr.
+        self._close = weakref.finalize(self, _close_sync, self._loop, self._client)
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._client, name)
@@ -277,14 +285,20 @@ class SyncClient:
         return call
 
     def close(self) -> None:
-        self._loop.run_until_complete(self._client.close())
-        self._loop.close()
+        self._close()
 
     def __enter__(self) -> SyncClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_sync(loop: asyncio.AbstractEventLoop, client: Client) -> None:
+    try:
+        loop.run_until_complete(client.close())
+    finally:
+        loop.close()
 
 
 def _args_object(args: Any, workflow: str) -> dict[str, Any]:
@@ -300,3 +314,16 @@ def _args_object(args: Any, workflow: str) -> dict[str, Any]:
         )
     check_value(args, where)
     return args
+
+
+@contextlib.asynccontextmanager
+async def _within(timeout: float | None, what: str) -> AsyncIterator[None]:
+    """`asyncio.timeout`, its TimeoutError saying what did not finish."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:
+        raise TimeoutError(
+            f"{what} did not finish within {timeout:g} s; it goes on (wait for "
+            "it again, or cancel it)"
+        ) from None
