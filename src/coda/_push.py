@@ -8,10 +8,12 @@ which on the supervisor's worker links is a dozen microseconds for every hop
 of every message.
 
 `PushProtocol` is the protocol under a connection made by
-`coda.protocol.Connection.open` or `from_socket`. It is a StreamReaderProtocol,
-wired up by `open_stream` the way `asyncio.open_connection` wires its own
-(whose docstring says to copy it to customise the protocol), and it overrides only
-callbacks of the public `asyncio.Protocol` interface. While its connection
+`coda.protocol.Connection.open` or `from_socket`, or accepted by a server
+made with `serving`. It is a StreamReaderProtocol, wired up by `open_stream`
+and `serving` the way `asyncio.open_connection` and `asyncio.start_server`
+wire their own (whose docstrings say to copy them to customise the
+protocol), and it overrides only callbacks of the public `asyncio.Protocol`
+interface. While its connection
 does not serve, it is a plain StreamReaderProtocol that counts what it gives
 the reader. While it serves, the bytes go to the connection's ``on_data``
 instead; the end of the stream still goes to the StreamReader as well as to

@@ -197,8 +197,8 @@ class ClientServer:
         # Replies being read from the journal: not queued yet, so not in the
         # backlog, and each may be as large as a frame.
         reading: set[asyncio.Task[None]] = set()
-        # Why reading stopped before the client closed: an unknown op, or
-        # replies piling up.
+        # Why reading stopped before the client closed: the unknown op a
+        # client sent, or "" for its replies piling up.
         stopped: list[str] = []
 
         def on_request(msg: dict[str, Any]) -> None:
