@@ -146,6 +146,11 @@ class WorkerPool:
             await handle.conn.serve(functools.partial(self._handle, handle))
         except ProtocolError as exc:
             handle.lost_reason = f"protocol error: {exc}"
+        except OSError as exc:
+            # Not the worker going away (`recv` takes a reset for the end of
+            # the stream) but the link itself failing: the worker is lost all
+            # the same, and its tries must run again elsewhere.
+            handle.lost_reason = f"its connection failed: {exc}"
         await self._lose(handle)
 
     def _handle(self, handle: WorkerHandle, msg: dict[str, Any]) -> None:
