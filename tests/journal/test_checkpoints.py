@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import coda.journal._sqlite_schema as schema
+import coda.journal._sqlite_writer as writer_module
 from coda.journal.events import RunSubmitted, TaskScheduled
 from coda.journal.sqlite import SQLiteJournal
 
@@ -274,3 +275,33 @@ def test_many_journals_leave_no_threads_behind(tmp_path: Path) -> None:
     time.sleep(0.1)  # the writers' executor threads end on their own
     left = [t for t in set(threading.enumerate()) - before if t.is_alive()]
     assert not [t.name for t in left if t.name.startswith("coda-journal")]
+
+
+def test_a_stop_just_before_the_checkpointer_clears_its_wake_up_still_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The thread waits for a commit, lets a pause go by, then clears the
+    # commit signal. A `stop` landing in between sets that signal just before
+    # it is cleared; the thread must still see it is closing, not wait for a
+    # commit that never comes (a journal's close then hung for ever).
+    closing = threading.Event()
+
+    class StopFirst(threading.Event):
+        def clear(self) -> None:
+            closing.set()  # what `stop` does, in its order
+            self.set()
+            super().clear()
+
+    # The checkpointer's two events, in the order it makes them; any other
+    # (its thread's own) as usual.
+    real, made = threading.Event, [StopFirst(), closing]
+    monkeypatch.setattr(
+        writer_module.threading, "Event", lambda: made.pop(0) if made else real()
+    )
+    monkeypatch.setattr(schema, "CHECKPOINT_PAUSES", (0.01, 0.01))
+    db = sqlite3.connect(tmp_path / "j.db", check_same_thread=False)
+    db.execute("PRAGMA journal_mode = WAL")
+    checkpointer = writer_module.Checkpointer(tmp_path / "j.db", db)
+    checkpointer.committed()  # the thread wakes, pauses, then clears
+    checkpointer._thread.join(timeout=5)
+    assert not checkpointer._thread.is_alive()

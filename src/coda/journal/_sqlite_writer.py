@@ -620,6 +620,10 @@ class Checkpointer:
                 if self._closing.wait(pause):
                     return
                 self._commits.clear()
+                if self._closing.is_set():
+                    # `stop` came between the wait and the clear, which wiped
+                    # its wake-up: waiting for a commit now would be for ever.
+                    return
                 if self.rounds == 0 and self._wal_bytes() < self.FIRST_ROUND_BYTES:
                     # Nothing worth copying yet: a journal that takes a burst
                     # and then rests is checkpointed when it closes, without
