@@ -127,7 +127,7 @@ class Worker:
         run_id = msg["run"]
         # Every answer names the activation it answers: one to an earlier
         # activation is stale by the time it arrives, and the supervisor
-        # drops it (see `Supervisor._answering`).
+        # drops it (see `Activations._answering`).
         answer: dict[str, Any] = {"run": run_id, "n": msg.get("n")}
         faults.crash_point("worker.activation")
         instance = self.instances.get(run_id)
