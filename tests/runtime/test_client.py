@@ -126,3 +126,33 @@ def test_a_sync_client_never_closed_leaves_no_warning_at_exit(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "3"
     assert done.stderr == ""
+
+
+def test_a_sync_client_collected_under_a_running_loop_closes_quietly(
+    coda: CodaProcess,
+) -> None:
+    # The garbage collector runs wherever it is triggered: here a SyncClient
+    # in a reference cycle is collected while another event loop runs.
+    script = (
+        "import asyncio, gc, coda, sys\n"
+        "class Holder: pass\n"
+        "holder = Holder()\n"
+        "holder.cycle = holder\n"
+        "holder.client = coda.SyncClient(sys.argv[1])\n"
+        "print(holder.client.run('quick', {'x': 1}))\n"
+        "del holder\n"
+        "async def collect():\n"
+        "    gc.collect()\n"
+        "asyncio.run(collect())\n"
+        "print('collected')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(coda.socket)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=base_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3", "collected"]
+    assert done.stderr == ""

@@ -225,3 +225,74 @@ async def _timeouts(tmp_path: Path) -> None:
             await client.run("punctual", {"seconds": 5}, timeout=0.2)
         # Both runs go on; the connection too.
         assert (await client.status(run_id))["status"] == "running"
+
+
+def test_waits_for_finished_runs_count_as_reads_from_the_journal(
+    tmp_path: Path,
+) -> None:
+    asyncio.run(_unread_waits(tmp_path))
+
+
+async def _unread_waits(tmp_path: Path) -> None:
+    async with _serving(tmp_path) as (journal, _, client), asyncio.timeout(60):
+        big = "x" * 3_000_000
+        assert len(await client.run("echo", {"value": big}, run_id="big")) == len(big)
+        reads = 0
+        read_run = journal.run
+
+        async def counted(run_id: str) -> Any:
+            nonlocal reads
+            reads += 1
+            return await read_run(run_id)
+
+        journal.run = counted  # type: ignore[method-assign]
+        reader, writer = await asyncio.open_unix_connection(tmp_path / "s.sock")
+        writer.write(message(HELLO))
+        assert (await _read_message(reader))["op"] == "welcome"
+        # Small waits for a run that has left memory, all in one write and
+        # none of their replies read: each reply (3 MB) is read from the
+        # journal, so they are held to the same few at once as histories.
+        writer.write(
+            b"".join(
+                message({"op": "wait", "id": n, "run_id": "big"}) for n in range(40)
+            )
+        )
+        while reads < 4:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        assert reads <= 8, f"{reads} summaries of 3 MB read for a client not reading"
+        answered = {(await _read_message(reader))["id"] for _ in range(40)}
+        assert answered == set(range(40))
+        writer.close()
+
+
+def test_a_late_error_for_an_abandoned_request_is_not_a_refusal(
+    tmp_path: Path,
+) -> None:
+    asyncio.run(_abandoned_request(tmp_path))
+
+
+async def _abandoned_request(tmp_path: Path) -> None:
+    async with _serving(tmp_path) as (_, _, client), asyncio.timeout(30):
+        # A request whose caller gave up (cancelled, timed out) before its
+        # error reply came: the reply answers that request, and the client
+        # goes on.
+        status = asyncio.ensure_future(client.status("nope"))
+        await asyncio.sleep(0)
+        status.cancel()
+        assert (await client.stats())["op"] == "stats"
+        assert await client.run("quick", {"x": 1}) == 3
+
+
+def test_closing_a_client_fails_the_requests_waiting_on_it(tmp_path: Path) -> None:
+    asyncio.run(_closed_under_waiters(tmp_path))
+
+
+async def _closed_under_waiters(tmp_path: Path) -> None:
+    async with _serving(tmp_path) as (_, _, client), asyncio.timeout(30):
+        run_id = await client.submit("punctual", {"seconds": 5})
+        waiting = asyncio.ensure_future(client.result(run_id))
+        await asyncio.sleep(0.1)
+        await client.close()
+        with pytest.raises(ProtocolError, match="closed"):
+            await asyncio.wait_for(waiting, 5)

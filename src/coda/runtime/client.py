@@ -18,6 +18,7 @@ import contextlib
 import functools
 import itertools
 import os
+import threading
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -122,15 +123,23 @@ class Client:
             error = self._refused or error
         except ProtocolError as exc:
             error = exc
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
-        self._pending.clear()
+        except asyncio.CancelledError:
+            # `close`: the requests still waiting would never be answered.
+            error = ProtocolError("the client was closed")
+            raise
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            self._pending.clear()
 
     def _on_reply(self, msg: dict[str, Any]) -> None:
-        future = self._pending.pop(msg.get("id", -1), None)
-        if future is not None and not future.done():
-            future.set_result(msg)
+        if "id" in msg:
+            # The reply to a request; one whose caller gave up is dropped,
+            # an error included.
+            future = self._pending.pop(msg["id"], None)
+            if future is not None and not future.done():
+                future.set_result(msg)
         elif msg["op"] == "error":
             # An error that answers no request: the supervisor refuses the
             # connection, and every request waiting fails with it.
@@ -295,10 +304,22 @@ class SyncClient:
 
 
 def _close_sync(loop: asyncio.AbstractEventLoop, client: Client) -> None:
+    def close() -> None:
+        try:
+            loop.run_until_complete(client.close())
+        finally:
+            loop.close()
+
     try:
-        loop.run_until_complete(client.close())
-    finally:
-        loop.close()
+        asyncio.get_running_loop()
+    except RuntimeError:
+        close()
+        return
+    # Collected while another event loop runs in this thread (the garbage
+    # collector runs wherever it is triggered), which cannot run this one.
+    closing = threading.Thread(target=close, name="coda-sync-client-close")
+    closing.start()
+    closing.join()
 
 
 def _args_object(args: Any, workflow: str) -> dict[str, Any]:

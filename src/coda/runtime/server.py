@@ -67,7 +67,10 @@ _REPLY_BACKLOG_BYTES = 16 * 1024 * 1024
 # a frame (a history, a run's result): at most this many of one client's at
 # once. Without it a client sending many before reading any had them all read
 # before the first reply counted against the backlog (20 histories of 6 MB).
-_READS = frozenset({"history", "status", "list"})
+# A wait is one when it is not answered by callbacks (`_answer_now`): its run
+# is not live here, and its summary, result included, comes from the journal.
+# (A wait by an id prefix of a live run holds its place until the run ends.)
+_READS = frozenset({"history", "status", "list", "wait"})
 _READING = 4
 
 # sockaddr_un holds 108 bytes on Linux, the terminating NUL included.
