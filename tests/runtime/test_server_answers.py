@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
+import coda.runtime.server as server_module
 from coda.definitions import load_app
 from coda.errors import ProtocolError, RunNotFound, UnknownNameError
 from coda.runtime.client import Client, RequestError
@@ -228,8 +229,11 @@ async def _timeouts(tmp_path: Path) -> None:
 
 
 def test_waits_for_finished_runs_count_as_reads_from_the_journal(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Waits have 256 places (a client may wait for thousands of finished
+    # runs); four here, so that a few replies of 3 MB show the bound.
+    monkeypatch.setitem(server_module._READING, "wait", 4)
     asyncio.run(_unread_waits(tmp_path))
 
 
@@ -251,7 +255,7 @@ async def _unread_waits(tmp_path: Path) -> None:
         assert (await _read_message(reader))["op"] == "welcome"
         # Small waits for a run that has left memory, all in one write and
         # none of their replies read: each reply (3 MB) is read from the
-        # journal, so they are held to the same few at once as histories.
+        # journal, so they are held to a few at once, as histories are.
         writer.write(
             b"".join(
                 message({"op": "wait", "id": n, "run_id": "big"}) for n in range(40)
