@@ -116,16 +116,8 @@ def test_a_sync_client_never_closed_leaves_no_warning_at_exit(
         "client = coda.SyncClient(sys.argv[1])\n"
         "print(client.run('quick', {'x': 1}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(coda.socket)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=base_env(),
-    )
-    assert done.returncode == 0, done.stderr
+    done = _script(coda, script)
     assert done.stdout.strip() == "3"
-    assert done.stderr == ""
 
 
 def test_a_sync_client_collected_under_a_running_loop_closes_quietly(
@@ -146,6 +138,13 @@ def test_a_sync_client_collected_under_a_running_loop_closes_quietly(
         "asyncio.run(collect())\n"
         "print('collected')\n"
     )
+    done = _script(coda, script)
+    assert done.stdout.split() == ["3", "collected"]
+
+
+def _script(coda: CodaProcess, script: str) -> subprocess.CompletedProcess[str]:
+    """Run `script` with the supervisor's socket as its argument; it must end
+    well and print nothing on stderr."""
     done = subprocess.run(
         [sys.executable, "-c", script, str(coda.socket)],
         capture_output=True,
@@ -154,5 +153,5 @@ def test_a_sync_client_collected_under_a_running_loop_closes_quietly(
         env=base_env(),
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["3", "collected"]
     assert done.stderr == ""
+    return done
