@@ -38,8 +38,9 @@ frames is a clean end of stream, and `recv` returns None.
 
 Reading. `Connection.recv` awaits the next message; `Connection.serve` hands
 every message to a synchronous handler instead, exactly as a loop on `recv`
-would, errors and end of stream included, and on a connection made by
-`Connection.from_socket` a turn of the event loop sooner for each message: the
+would, errors and end of stream included, and on a connection with a push
+protocol under it (`Connection.open`, `from_socket`, a server made with
+`coda._push.serving`) a turn of the event loop sooner for each message: the
 bytes are decoded and handled in the transport's callback (see `coda._push`).
 A connection starts with `recv` (the handshake) and may switch to `serve` and
 back; nothing received in between is lost.
@@ -453,8 +454,8 @@ class Connection:
         """Hand every message to `handler`, in order, until the stream ends.
 
         What ``async for msg in conn: handler(msg)`` does, but on a connection
-        made by `from_socket` each message is handled a turn of the loop
-        sooner: in the transport's callback, as soon as its bytes arrive.
+        with a push protocol under it each message is handled a turn of the
+        loop sooner: in the transport's callback, as soon as its bytes arrive.
         Returns when the peer closes between frames or `stop_serving` is
         called (by the handler, say). Raises what `recv` raises, in the same
         cases and after telling the peer, and what `handler` raises; in both

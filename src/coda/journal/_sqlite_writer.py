@@ -478,7 +478,7 @@ class Writer:
                 # next transaction: the executor runs its jobs in order.
                 mode, checkpointer.wanted = checkpointer.wanted, None
                 with suppress(RuntimeError):  # closing: it checkpoints anyway
-                    self._last_job = self._thread.submit(self._checkpoint, mode)
+                    self.submit(lambda _: self._checkpoint(mode))
 
         for run_id in batch.finished:
             keys.pop(run_id, None)

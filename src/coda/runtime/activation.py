@@ -158,8 +158,7 @@ class Activations:
             # instance go: nothing to drop once the run ends; should the run
             # go on after all (its completion not recorded), it is hosted
             # afresh from its history.
-            worker.hosted.discard(run.run_id)
-            run.host = None
+            self.unhost(worker, run.run_id)
         commands = [decode_command(c) for c in msg["commands"]]
         events = decide.on_commands(run.state, commands, self.clock())
         self.stats.tasks_reused += sum(isinstance(c, ReuseResult) for c in commands)

@@ -187,11 +187,10 @@ class WorkerPool:
             len(handle.hosted),
         )
         self._last_loss = reason
-        if handle.tries:
-            # Most likely killed by a task it ran, which that task's budget of
-            # lost workers answers for: no reason to wait before the next.
-            self._quick_deaths = 0
-        elif time.monotonic() - handle.started_at < 2.0:
+        # A worker that dies running tries was most likely killed by one of
+        # them, which that task's budget of lost workers answers for: no
+        # reason to wait before the next.
+        if not handle.tries and time.monotonic() - handle.started_at < 2.0:
             self._quick_deaths += 1
         else:
             self._quick_deaths = 0
