@@ -8,9 +8,11 @@ project and, only if it was, counts it in its group. A second delivery of the
 same event changes nothing and returns the same `group_id` and `new_group` as
 the first (`times_seen` is the group's count now).
 
-Several worker processes may write at once. Each call opens its own
-connection; the file is in WAL mode, so readers never block the writer, and
-writers queue on a busy timeout instead of failing with "database is locked".
+Several worker processes, each with many threads, may write at once. Each
+thread keeps its own connection; the file is in WAL mode, so readers never
+block the writer, and writers queue on a lock file beside the store
+(`<store>.lock`, see `_writers_queue`) and then on SQLite's busy timeout
+instead of failing with "database is locked".
 The transaction starts with `BEGIN IMMEDIATE`, taking the write lock before it
 reads, so two writers cannot both decide they are creating the same group.
 
@@ -22,6 +24,7 @@ and groups of different projects never merge, so both tables are keyed by
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -145,13 +148,14 @@ def store_event(
     )
 
     conn = _thread_connection(db_path)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = _store_locked(conn, project_id, row)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    with _writers_queue(db_path):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = _store_locked(conn, project_id, row)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
     return result
 
 
@@ -175,6 +179,47 @@ def _thread_connection(db_path: str | os.PathLike[str]) -> sqlite3.Connection:
         conn.executescript(_SCHEMA)
         cache[key] = conn
     return conn
+
+
+@contextmanager
+def _writers_queue(db_path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the lock file beside the store while writing to it.
+
+    SQLite's busy handler does not queue writers: one that finds the file
+    locked sleeps 1, 2, 5, 10 ms and more before looking again, so the lock
+    sits free while dozens of threads sleep. The kernel queues the holders of
+    an `flock` and wakes the next as soon as the lock is let go. Measured on
+    W1 of the benchmarks (two workers of 64 threads each storing every
+    event), five interleaved pairs: 1,015-1,242 runs/s against 879-1,010,
+    each pair faster, and less CPU per run in every process.
+    SQLite's own lock still decides; where the lock file cannot be opened
+    (a read-only folder) writers wait in SQLite's busy handler as before.
+    """
+    fd = _thread_lock_file(db_path)
+    if fd is None:
+        yield
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)  # lets go of the GIL while it waits
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _thread_lock_file(db_path: str | os.PathLike[str]) -> int | None:
+    """This thread's descriptor of the store's lock file; None if it cannot be had.
+
+    One descriptor per thread: `flock` locks belong to an open file, so
+    threads sharing one would not exclude each other.
+    """
+    path = os.fspath(db_path) + ".lock"
+    cache: dict[str, int | None] = _local.__dict__.setdefault("locks", {})
+    if path not in cache:
+        try:
+            cache[path] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            cache[path] = None
+    return cache[path]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

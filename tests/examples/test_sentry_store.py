@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
+import os
 import random
 import sqlite3
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from sentry_app import BUNDLED_DATA, load_events, normalize, store_event, summary
@@ -175,3 +178,48 @@ def test_concurrent_processes_storing_overlapping_events(tmp_path, attempt):
     assert len(answers) == 40
     openers = Counter(group for _, group, new in answers if new)
     assert len(openers) == 21 and set(openers.values()) == {1}
+
+
+def test_writers_queue_on_the_lock_file_beside_the_store(db):
+    # Another process's writer holds the lock file: a store waits for it (in
+    # the kernel's queue, not in SQLite's sleeping busy handler) and goes on
+    # as soon as it is let go.
+    summary(db)
+    holder = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    results = []
+    writer = threading.Thread(
+        target=lambda: results.append(store_event(db, 1, EVENTS[0]))
+    )
+    writer.start()
+    time.sleep(0.3)
+    assert writer.is_alive() and results == []
+    assert summary(db)["events"] == 0
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    os.close(holder)
+    writer.join(timeout=10)
+    assert results and results[0]["times_seen"] == 1
+
+
+def test_a_store_whose_lock_file_cannot_be_made_still_writes(db, monkeypatch):
+    # A folder where the lock file cannot be created (its permissions, or a
+    # file of that name owned by someone else): writers fall back to SQLite's
+    # busy handler alone, and store as before.
+    summary(db)
+    real_open = os.open
+
+    def refuse_lock_files(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_lock_files)
+    results = []
+    # A thread of its own: this thread may have the lock file open already.
+    writer = threading.Thread(
+        target=lambda: results.append(store_event(db, 1, EVENTS[0]))
+    )
+    writer.start()
+    writer.join(timeout=10)
+    assert results and results[0]["times_seen"] == 1
+    assert not Path(f"{db}.lock").exists()
