@@ -107,15 +107,20 @@ class Activations:
         assert host is not None
         run.activating = True
         run.activation = next(self._numbers)
-        message = {
+        message: dict[str, Any] = {
             "op": "activate",
             "run": run.run_id,
             "n": run.activation,
-            "workflow": run.state.workflow,
-            "args": run.state.args,
             "full": full,
             "events": [codec.encode_dict(e) for e in events],
         }
+        if full:
+            # Only a new instance is made from them; a host that lost the
+            # instance asks for a full activation (resync). The arguments are
+            # the run's payload, in W1 an event of about a kilobyte that
+            # three activations in four would carry for nothing.
+            message["workflow"] = run.state.workflow
+            message["args"] = run.state.args
         try:
             host.conn.send(message)
         except (ValueTooLarge, ProtocolError) as exc:

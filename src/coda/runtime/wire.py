@@ -1,9 +1,12 @@
 """The messages the runtime's processes exchange, over `coda.protocol` frames.
 
 Supervisor to worker:
-    {"op": "activate", "run": id, "n": number, "workflow": name,
-     "args": {...}, "full": bool, "events": [event, ...]}
+    {"op": "activate", "run": id, "n": number, "full": bool,
+     "events": [event, ...], "workflow": name, "args": {...}}
                                              feed a run's workflow instance
+                                             (workflow and args only when
+                                             full: the whole history, for a
+                                             new instance)
     {"op": "drop", "run": id}                forget a run's instance
     {"op": "task", "run": id, "attempt": a, "step": s, "try": t,
      "task": name, "args": {...}}            run one try of a task
