@@ -18,6 +18,8 @@ from coda.journal.events import TaskScheduled
 from coda.values import (
     DEFAULT_MAX_VALUE_BYTES,
     MAX_DEPTH,
+    _find_fault,
+    _plain,
     check_json,
     check_size,
     check_value,
@@ -145,6 +147,41 @@ def test_whatever_is_accepted_survives_the_journal_unchanged(value: Any) -> None
     decoded = decode(encode(event))
     assert isinstance(decoded, TaskScheduled)
     assert same(decoded.args["x"], value)
+
+
+def _walk_accepts(value: object) -> bool:
+    try:
+        _find_fault(value, "v")
+    except ValueNotJSON:
+        return False
+    return True
+
+
+@settings(max_examples=500, deadline=None)
+@given(almost_json)
+def test_the_fast_path_accepts_exactly_what_the_full_walk_accepts(
+    value: Any,
+) -> None:
+    # `check_json` lets a value through on `_plain` alone: were it laxer than
+    # the walk that names faults, a bad value would reach the journal; were
+    # it stricter, a good one would be walked for nothing (and passed).
+    assert _plain(value, 0) == _walk_accepts(value)
+    assert _plain({"k": [value]}, 0) == _walk_accepts({"k": [value]})
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1])
+@pytest.mark.parametrize("bad", [None, math.nan, (1,)])
+def test_the_fast_path_and_the_walk_agree_at_the_depth_limit(
+    depth: int, bad: object
+) -> None:
+    value: Any = nested(depth)
+    if bad is not None:
+        inner = value
+        while isinstance(inner, list) and isinstance(inner[0], list):
+            inner = inner[0]
+        inner[0] = bad
+    assert _plain(value, 0) == _walk_accepts(value)
+    assert _plain({"x": value}, 0) == _walk_accepts({"x": value})
 
 
 def test_edges_of_the_accepted_range() -> None:
