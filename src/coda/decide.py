@@ -109,6 +109,10 @@ _EVENT_OF: dict[type[Command], type[Event]] = {
     RecordSideEffect: SideEffectRecorded,
     CompleteRun: RunCompleted,
 }
+# Their field names, looked up once: `attrs.asdict` works them out per call.
+_FIELDS_OF: dict[type[Command], tuple[str, ...]] = {
+    cls: tuple(field.name for field in attrs.fields(cls)) for cls in _EVENT_OF
+}
 
 
 def on_commands(
@@ -122,8 +126,9 @@ def on_commands(
         if isinstance(command, FailAttempt):
             _fail_attempt(state, out, command.error, now)
         else:
-            fields = attrs.asdict(command, recurse=False)
-            _emit(state, out, _EVENT_OF[type(command)], now, **fields)
+            kind = type(command)
+            fields = {name: getattr(command, name) for name in _FIELDS_OF[kind]}
+            _emit(state, out, _EVENT_OF[kind], now, **fields)
     return out
 
 

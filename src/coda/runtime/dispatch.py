@@ -122,20 +122,22 @@ class Dispatcher:
         """
         if self.stopping or not self._ready:
             return
+        limit = self.max_tries_per_worker
+        # Made once: within this call a worker only fills up or is reserved
+        # (both by this loop, which then drops it). Most calls, one for each
+        # outcome, find every worker full or start a single try.
+        open_workers = [
+            w
+            for w in self.pool.workers
+            if w.alive and not w.exclusive and len(w.tries) < limit
+        ]
+        if not open_workers:
+            return
         now = self.clock()
         starts: list[tuple[WorkerHandle, LiveRun, StepState]] = []
         events: list[Event] = []
         deferred: list[tuple[str, int, int]] = []
-        while self._ready:
-            open_workers = [
-                w
-                for w in self.pool.workers
-                if w.alive
-                and not w.exclusive
-                and len(w.tries) < self.max_tries_per_worker
-            ]
-            if not open_workers:
-                break
+        while self._ready and open_workers:
             key = self._ready.popleft()
             run = self.runs.get(key[0])
             step = run.state.steps.get((key[1], key[2])) if run else None
@@ -164,6 +166,8 @@ class Dispatcher:
             worker.tries[(run.run_id, step.attempt, step.step, step.try_number)] = (
                 now + timeout if timeout else None
             )
+            if worker.exclusive or len(worker.tries) >= limit:
+                open_workers.remove(worker)
             starts.append((worker, run, step))
         self._ready.extendleft(reversed(deferred))
         if starts:
