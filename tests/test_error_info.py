@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from coda.journal.events import ErrorInfo
+import os
+
+from coda.journal.codec import decode, encode
+from coda.journal.events import ErrorInfo, TaskFailed
 
 
 def test_a_huge_message_keeps_its_start_and_says_what_was_cut() -> None:
@@ -31,3 +34,17 @@ def test_descriptions_within_the_bounds_are_kept_whole() -> None:
     info = ErrorInfo.from_exception(ValueError(message), traceback)
     assert info.message == message
     assert info.traceback == traceback
+
+
+def test_lone_surrogates_are_escaped_so_the_error_can_be_written() -> None:
+    # A file name that is not UTF-8, as os.listdir gives it; other text stays.
+    name = os.fsdecode(b"caf\xe9.txt")
+    error = ErrorInfo.from_exception(
+        FileNotFoundError(f"no file {name} (été)"), f"Traceback: {name}"
+    )
+    assert error.message == "no file caf\\udce9.txt (été)"
+    assert error.traceback == "Traceback: caf\\udce9.txt"
+    event = TaskFailed(
+        run_id="r", seq=4, at=1.0, attempt=1, step=0, try_number=1, error=error
+    )
+    assert decode(encode(event)) == event

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -155,3 +156,26 @@ def _script(coda: CodaProcess, script: str) -> subprocess.CompletedProcess[str]:
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     return done
+
+
+@pytest.mark.parametrize("in_workflow", [False, True], ids=["task", "workflow"])
+def test_an_error_naming_a_file_that_is_not_utf8_fails_the_run_clearly(
+    coda: CodaProcess, in_workflow: bool
+) -> None:
+    # b"caf\xe9.txt" (Latin-1) as os.listdir gives it: "caf\udce9.txt". No
+    # JSON encoder writes a lone surrogate; the message must still arrive,
+    # at once, with the byte escaped, and no worker may die of it.
+    name = "636166e92e747874"
+    with coda.client() as client:
+        run_id = client.submit(
+            "missing_input", {"hex_bytes": name, "in_workflow": in_workflow}
+        )
+        started = time.monotonic()
+        with pytest.raises(RunFailedError) as info:
+            client.result(run_id, timeout=20)
+        assert time.monotonic() - started < 10, "failed by a timeout, not the error"
+        # quick(x) is double(x) + 1: the workers still run other runs.
+        assert client.result(client.submit("quick", {"x": 2}), timeout=20) == 5
+        stats = client.stats()
+    assert "caf\\udce9.txt" in str(info.value)
+    assert stats["workers_lost"] == 0

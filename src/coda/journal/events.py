@@ -75,16 +75,32 @@ class ErrorInfo:
     @classmethod
     def from_exception(cls, exc: BaseException, traceback: str = "") -> ErrorInfo:
         types = tuple(_qualname(k) for k in type(exc).__mro__ if k is not object)
+        message = _bounded(_unicode(str(exc)), cls.MAX_MESSAGE_CHARS, keep_end=False)
         return cls(
             type=types[0],
-            message=_bounded(str(exc), cls.MAX_MESSAGE_CHARS, keep_end=False),
-            traceback=_bounded(traceback, cls.MAX_TRACEBACK_CHARS, keep_end=True),
+            message=message,
+            traceback=_bounded(
+                _unicode(traceback), cls.MAX_TRACEBACK_CHARS, keep_end=True
+            ),
             types=types,
         )
 
     def is_a(self, qualified_names: tuple[str, ...]) -> bool:
         own = self.types or (self.type,)
         return any(name in own for name in qualified_names)
+
+
+def _unicode(text: str) -> str:
+    """`text` with any lone surrogate written as its escape (`\\udce9`).
+
+    A message made from a file name that was not UTF-8 (`os.listdir`,
+    `os.fsdecode`) holds lone surrogates, which no JSON encoder can write:
+    the error would not reach the journal, and the failure would be lost
+    (a worker could not even report it). The escape keeps what the byte was.
+    """
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _bounded(text: str, limit: int, *, keep_end: bool) -> str:

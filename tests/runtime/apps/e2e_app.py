@@ -108,6 +108,23 @@ async def doomed(message: str) -> None:
     await coda.context.spawn_task(explode, args={"message": message})
 
 
+def _file_name(hex_bytes: str) -> str:
+    # A name that is not UTF-8, as os.listdir gives it: with lone surrogates.
+    return os.fsdecode(bytes.fromhex(hex_bytes))
+
+
+@coda.task(max_retries=0)
+def open_missing(hex_bytes: str) -> None:
+    raise FileNotFoundError(f"no input file {_file_name(hex_bytes)}")
+
+
+@coda.workflow()
+async def missing_input(hex_bytes: str, in_workflow: bool = False) -> None:
+    if in_workflow:
+        raise ValueError(f"bad input file {_file_name(hex_bytes)}")
+    await coda.context.spawn_task(open_missing, args={"hex_bytes": hex_bytes})
+
+
 @coda.task(max_retries=0)
 def prepare(side_file: str, tag: str) -> str:
     append_line(side_file, f"{tag} prepare")
