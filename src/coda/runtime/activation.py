@@ -16,6 +16,15 @@ coming for the one before. An answer is the instance's commands, which are
 decided on and recorded; a request to be sent the whole history again (the
 host lost the instance); or the news that the code no longer replays its own
 history, which parks the run until fixed code is deployed.
+
+Workflow code runs on its host's event loop. Code that blocks it (a
+`time.sleep`, blocking I/O) makes the host miss its heartbeats and be
+killed; code that ends its process ends the host. Either way the run is
+hosted afresh elsewhere, and does it again: one run would take down every
+worker in turn, and the tries of other runs with them, each loss charged to
+their tasks' `max_lost_workers`. So a run whose code was being run (an
+activation in flight) when each of its last `MAX_HOST_LOSSES` hosts was lost
+is parked, naming why, before it costs other runs their retries.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from coda import decide
-from coda.errors import ProtocolError, ValueTooLarge
+from coda.errors import ProtocolError, ValueTooLarge, WorkerLost
 from coda.journal import codec
 from coda.journal.events import ErrorInfo, Event, TaskFailed, TaskStarted
 from coda.replay.engine import ReuseResult
@@ -53,6 +62,12 @@ class Activations:
     It shares the supervisor's runs, pool and counters, and records through
     the supervisor's `record` (one run's events, acted on once durable).
     """
+
+    # Hosts lost in a row with the run's code running before it is parked: the
+    # first loss may be another's doing (a task that crashed the process);
+    # the second in a row is the run's own. Tasks lose at most this many
+    # tries to it, within their default `max_lost_workers` (2).
+    MAX_HOST_LOSSES = 2
 
     def __init__(
         self,
@@ -151,6 +166,7 @@ class Activations:
         answered = msg.get("n")
         if answered is not None and answered != run.activation:
             return None
+        run.host_losses = 0  # its code answered: whatever kills hosts, not that
         return run
 
     def on_commands(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
@@ -181,6 +197,52 @@ class Activations:
         worker.hosted.discard(run_id)
         run.host = None
         return run
+
+    def host_lost(self, worker: WorkerHandle) -> dict[str, LiveRun]:
+        """Take every run from a worker that was lost; park those whose code
+        it was running when each of their last `MAX_HOST_LOSSES` hosts went."""
+        taken: dict[str, LiveRun] = {}
+        running_code: list[LiveRun] = []
+        for run_id in list(worker.hosted):
+            run = self.runs.get(run_id)
+            if run is None or run.host is not worker:
+                continue
+            if run.activating:
+                run.host_losses += 1
+                running_code.append(run)
+            run.host, run.activating = None, False
+            taken[run_id] = run
+        worker.hosted.clear()
+        if running_code:
+            names = ", ".join(run.run_id for run in running_code[:5])
+            logger.warning(
+                "worker %s was lost (%s) while running the workflow code of "
+                "run(s) %s%s",
+                worker.name,
+                worker.lost_reason or "?",
+                names,
+                " ..." if len(running_code) > 5 else "",
+            )
+        for run in running_code:
+            if run.host_losses >= self.MAX_HOST_LOSSES:
+                self._park_host_killer(run, worker)
+        return taken
+
+    def _park_host_killer(self, run: LiveRun, worker: WorkerHandle) -> None:
+        run_id = run.run_id
+        error = ErrorInfo.from_exception(
+            WorkerLost(
+                f"the workflow code of run {run_id} was running on each of the "
+                f"last {run.host_losses} workers lost (the last: "
+                f"{worker.lost_reason or 'it ended'}): workflow code must neither "
+                "block its worker (time.sleep, blocking I/O: move that into a "
+                "task, or use asyncio) nor end its process. Fix the code, then "
+                f"`coda resume {run_id}`"
+            )
+        )
+        logger.error("run %s parked: %s", run_id, error.message)
+        self.stats.parked += 1
+        self._record(run, decide.park(run.state, error, self.clock()))
 
     def on_resync(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
         """The host lost the run's instance: send it the whole history again."""

@@ -56,6 +56,9 @@ class LiveRun:
     # journal: nothing is decided for it meanwhile (see
     # `Supervisor._recover_from`).
     reloading: bool = False
+    # Hosts lost in a row while the run's code was running on them (see
+    # `Activations.host_lost`); back to 0 once its code answers.
+    host_losses: int = 0
 
     @property
     def run_id(self) -> str:

@@ -606,13 +606,7 @@ class Supervisor:
         """
         self.stats.workers_lost += 1
         durable, touched = self.dispatcher.reschedule_lost(worker)
-        for run_id in list(worker.hosted):
-            run = self.runs.get(run_id)
-            if run is not None and run.host is worker:
-                run.host = None
-                run.activating = False
-                touched[run_id] = run
-        worker.hosted.clear()
+        touched.update(self.activations.host_lost(worker))
         if not await durable:
             return  # the runs were reloaded from the journal
         for run in touched.values():

@@ -216,3 +216,20 @@ async def race(seconds: float) -> str:
     fast = coda.context.spawn_task(double, args={"x": 1})
     await asyncio.wait([slow, fast], return_when=asyncio.FIRST_COMPLETED)
     return "fast won"
+
+
+# Workflow code that takes its worker down: it blocks the worker's event loop
+# (heartbeats go unanswered) or ends the process.
+
+
+@coda.workflow()
+async def takes_host_down(how: str, seconds: float = 30.0) -> str:
+    if how == "exit":
+        os._exit(3)
+    time.sleep(seconds)  # against the rules: it blocks the worker's loop
+    return "woke up"
+
+
+@coda.workflow()
+async def bystander(seconds: float) -> str:
+    return await coda.context.spawn_task(nap, args={"seconds": seconds})
