@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -862,6 +864,34 @@ def test_unfinished_returns_whole_histories_of_active_runs(tmp_path: Path) -> No
     assert sorted(histories) == ["parked", "pending", "running"]
     assert histories["parked"] == failing_history("parked")[:5]
     assert histories["running"] == completed_run("running")[:2]
+
+
+def test_a_run_with_an_unreadable_event_is_left_out_of_recovery_by_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As an older Coda wrote a policy of max_backoff=inf: JSON null, which no
+    # reader accepts as a number. Every other run must still be recovered.
+    path = tmp_path / "j.db"
+    run_async(path, lambda j: j.append(completed_run("damaged")[:2]))
+    run_async(path, lambda j: j.append(completed_run("fine")[:2]))
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "UPDATE events SET body = CAST(replace(CAST(body AS TEXT),"
+            " '\"backoff\":1.0', '\"backoff\":null') AS BLOB)"
+            " WHERE seq = 0 AND rk = (SELECT rk FROM runs WHERE run_id = 'damaged')"
+        )
+    with caplog.at_level(logging.ERROR, logger="coda.journal.sqlite"):
+        histories = run_async(path, lambda j: j.unfinished())
+    assert sorted(histories) == ["fine"]
+    assert histories["fine"] == completed_run("fine")[:2]
+    (record,) = caplog.records
+    assert "run damaged cannot be recovered: its event #0 cannot be read" in (
+        record.getMessage()
+    )
+    # Left as it was, for `coda doctor` and `coda history` to show.
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM events").fetchone()
+    assert count == 4
 
 
 def test_unfinished_reads_only_unfinished_runs_through_indexes(tmp_path: Path) -> None:

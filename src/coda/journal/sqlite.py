@@ -571,17 +571,40 @@ class SQLiteJournal:
         return [schema.summary(row) for row in await self._read(sql, params)]
 
     async def unfinished(self) -> dict[str, list[Event]]:
-        """Histories of the runs whose status is not finished, in one query."""
+        """Histories of the runs whose status is not finished, in one query.
+
+        A run with an event that cannot be read is left out, with an error
+        logged that names it.
+        """
         rows = await self._read(schema.UNFINISHED_HISTORIES, schema.UNFINISHED)
         histories: dict[str, list[Event]] = {}
+        unreadable: set[str] = set()
         unordered = False
         for run_id, seq, body in rows:
+            if run_id in unreadable:
+                continue
+            try:
+                event = decode(body)
+            except JournalError as exc:
+                # One damaged run must not keep every other from recovering
+                # (nor the supervisor from serving): it is left as it is.
+                logger.error(
+                    "run %s cannot be recovered: its event #%d cannot be read "
+                    "(%s); run `coda doctor` on %s. Leaving it untouched.",
+                    run_id,
+                    seq,
+                    exc,
+                    self.path,
+                )
+                unreadable.add(run_id)
+                histories.pop(run_id, None)
+                continue
             history = histories.get(run_id)
             if history is None:
                 history = histories[run_id] = []
             elif history[-1].seq > seq:
                 unordered = True
-            history.append(decode(body))
+            history.append(event)
         # The plan yields each run's events in index order, by seq; SQLite does
         # not promise it without an ORDER BY, which would sort every row.
         if unordered:
