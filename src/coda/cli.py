@@ -579,10 +579,26 @@ def replay(
         f"run {outcome.run_id}: replayed {outcome.status} without divergence"
         + (f"; next: {len(outcome.commands)} new commands" if outcome.commands else "")
     )
-    if outcome.error is not None:
-        out.print(
-            f"recorded error reproduced: {outcome.error.type}: {outcome.error.message}"
-        )
+    error, recorded = outcome.error, outcome.recorded_error
+    if outcome.reproduced:
+        if error is not None:
+            out.print(
+                escape(f"recorded error reproduced: {error.type}: {error.message}")
+            )
+        return
+    # The steps replay, but the code ends the run otherwise than recorded.
+    if error is not None and recorded is not None:
+        out.print(escape(f"the code now fails with {error.type}: {error.message}"))
+        out.print(escape(f"the history has {recorded.type}: {recorded.message}"))
+        _fail("the recorded error is not reproduced", 1)
+    out.print(escape(f"the code now returns {_short_json(outcome.result)}"))
+    out.print(escape(f"the history has {_short_json(outcome.recorded_result)}"))
+    _fail("the recorded result is not reproduced", 1)
+
+
+def _short_json(value: Any, limit: int = 300) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 @app.command()

@@ -220,6 +220,12 @@ class WorkflowInstance:
         # are not in `_records`: a failed step's task name must come from here.
         self._task_names: dict[int, str] = {}
         self._ended = False  # the current attempt's code returned or raised
+        # How the code ended each attempt, whether or not its history has the
+        # ending: a replay reports what the code does now (its result, its
+        # error), which production replay does not compare beyond completed
+        # or failed (an error's message may well differ from one run to the
+        # next, a memory address in it, say).
+        self.endings_made: dict[int, CompleteRun | FailAttempt] = {}
         self._new: list[Command] = []
         self._divergence: NondeterminismError | None = None
 
@@ -338,6 +344,7 @@ class WorkflowInstance:
 
     def _end(self, attempt: int, command: CompleteRun | FailAttempt) -> None:
         self._ended = True
+        self.endings_made[attempt] = command
         recorded = self._endings.get(attempt)
         if recorded is None:
             self._new.append(command)
