@@ -228,12 +228,12 @@ async def _timeouts(tmp_path: Path) -> None:
         assert (await client.status(run_id))["status"] == "running"
 
 
-def test_waits_for_finished_runs_count_as_reads_from_the_journal(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_large_results_are_read_for_waits_only_as_the_client_takes_them(
+    tmp_path: Path,
 ) -> None:
     # Waits have 256 places (a client may wait for thousands of finished
-    # runs); four here, so that a few replies of 3 MB show the bound.
-    monkeypatch.setitem(server_module._READING, "wait", 4)
+    # runs); a summary read for one leaves out a large result, which is read
+    # only once the client has room for it.
     asyncio.run(_unread_waits(tmp_path))
 
 
@@ -241,13 +241,14 @@ async def _unread_waits(tmp_path: Path) -> None:
     async with _serving(tmp_path) as (journal, _, client), asyncio.timeout(60):
         big = "x" * 3_000_000
         assert len(await client.run("echo", {"value": big}, run_id="big")) == len(big)
-        reads = 0
+        reads = whole = 0
         read_run = journal.run
 
-        async def counted(run_id: str) -> Any:
-            nonlocal reads
+        async def counted(run_id: str, **options: Any) -> Any:
+            nonlocal reads, whole
             reads += 1
-            return await read_run(run_id)
+            whole += options.get("result_limit") is None
+            return await read_run(run_id, **options)
 
         journal.run = counted  # type: ignore[method-assign]
         reader, writer = await asyncio.open_unix_connection(tmp_path / "s.sock")
@@ -255,18 +256,62 @@ async def _unread_waits(tmp_path: Path) -> None:
         assert (await _read_message(reader))["op"] == "welcome"
         # Small waits for a run that has left memory, all in one write and
         # none of their replies read: each reply (3 MB) is read from the
-        # journal, so they are held to a few at once, as histories are.
+        # journal, and only as many as fit the client's backlog (16 MiB).
         writer.write(
             b"".join(
                 message({"op": "wait", "id": n, "run_id": "big"}) for n in range(40)
             )
         )
-        while reads < 4:
+        while reads < 40:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.5)
-        assert reads <= 8, f"{reads} summaries of 3 MB read for a client not reading"
+        assert whole <= 10, f"{whole} results of 3 MB read for a client not reading"
         answered = {(await _read_message(reader))["id"] for _ in range(40)}
         assert answered == set(range(40))
+        assert whole == 40
+        writer.close()
+
+
+def test_replies_to_many_waits_for_one_run_wait_for_the_client_to_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    replied: list[str] = []
+    reply = server_module._reply
+
+    def counted(conn: Any, msg: dict[str, Any], answer: dict[str, Any]) -> None:
+        replied.append(msg["op"])
+        reply(conn, msg, answer)
+
+    monkeypatch.setattr(server_module, "_reply", counted)
+    asyncio.run(_waits_on_a_live_run(tmp_path, replied))
+
+
+async def _waits_on_a_live_run(tmp_path: Path, replied: list[str]) -> None:
+    # Many waits for one live run with a large result, sent and not read:
+    # answered when the run ends, but each reply (a copy of the result once
+    # encoded) made only as the client reads.
+    async with _serving(tmp_path) as (_, _, client), asyncio.timeout(60):
+        gate = tmp_path / "gate"
+        run_id = await client.submit(
+            "gated_echo", {"value": "y" * 1_000_000, "gate": str(gate)}
+        )
+        reader, writer = await asyncio.open_unix_connection(tmp_path / "s.sock")
+        writer.write(message(HELLO))
+        assert (await _read_message(reader))["op"] == "welcome"
+        writer.write(
+            b"".join(
+                message({"op": "wait", "id": n, "run_id": run_id}) for n in range(200)
+            )
+        )
+        await asyncio.sleep(0.3)
+        gate.write_text("go")
+        assert (await client.wait(run_id))["status"] == "completed"
+        await asyncio.sleep(0.5)
+        # 200 replies of 1 MB: about the backlog's worth (16 MiB) made.
+        made = replied.count("wait")
+        assert made <= 24, f"{made} replies of 1 MB made for a client not reading"
+        answered = {(await _read_message(reader))["id"] for _ in range(200)}
+        assert answered == set(range(200))
         writer.close()
 
 

@@ -167,6 +167,14 @@ SUMMARY = (
     "SELECT run_id, workflow, status, attempt, submitted_at, updated_at, events,"
     " result, error FROM runs"
 )
+# The summary with a result of more than ?1 characters left unread (the last
+# column says so): `length` counts them inside SQLite, without Python holding
+# the text.
+SUMMARY_BOUNDED = (
+    "SELECT run_id, workflow, status, attempt, submitted_at, updated_at, events,"
+    " CASE WHEN length(result) > ?1 THEN NULL ELSE result END, error,"
+    " coalesce(length(result) > ?1, 0) FROM runs WHERE run_id = ?2"
+)
 HISTORY = (
     "SELECT body FROM events WHERE rk = (SELECT rk FROM runs WHERE run_id = ?)"
     " ORDER BY seq"

@@ -36,6 +36,15 @@ class RunSummary:
     error: ErrorInfo | None = None
 
 
+class _LeftOut:
+    def __repr__(self) -> str:
+        return "RESULT_LEFT_OUT"
+
+
+RESULT_LEFT_OUT: Any = _LeftOut()
+"""A summary's result when it was over the `result_limit` it was read with."""
+
+
 def summarize(state: RunState) -> RunSummary:
     """The `runs` row that a run's state amounts to."""
     return RunSummary(
@@ -66,7 +75,14 @@ class Journal(Protocol):
     async def resolve(self, run_id_or_prefix: str) -> str:
         """The full run id for an id or a unique prefix; `RunNotFound` otherwise."""
 
-    async def run(self, run_id: str) -> RunSummary | None: ...
+    async def run(
+        self, run_id: str, *, result_limit: int | None = None
+    ) -> RunSummary | None:
+        """The run's row; None for a run the journal never saw.
+
+        With `result_limit`, a result of more characters than that is not
+        read: the summary's result is `RESULT_LEFT_OUT` instead.
+        """
 
     async def runs(
         self,

@@ -58,7 +58,10 @@ class MemoryJournal:
             )
         return found[0]
 
-    async def run(self, run_id: str) -> RunSummary | None:
+    async def run(
+        self, run_id: str, *, result_limit: int | None = None
+    ) -> RunSummary | None:
+        # In memory already: every result is read whole.
         state = self._states.get(run_id)
         return None if state is None else summarize(state)
 

@@ -175,6 +175,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import attrs
 import orjson
 
 from coda.errors import JournalError
@@ -188,7 +189,7 @@ from coda.journal._sqlite_writer import (
     UnknownRuns,
     Writer,
 )
-from coda.journal.base import RunSummary
+from coda.journal.base import RESULT_LEFT_OUT, RunSummary
 from coda.journal.codec import decode
 from coda.journal.events import Event
 from coda.state import cache_token
@@ -557,9 +558,19 @@ class SQLiteJournal:
         matches = [row[0] for row in await self._read(schema.PREFIX, params)]
         return schema.pick_run(run_id_or_prefix, matches, self.path)
 
-    async def run(self, run_id: str) -> RunSummary | None:
-        rows = await self._read(schema.SUMMARY + " WHERE run_id = ?", (run_id,))
-        return next((schema.summary(row) for row in rows), None)
+    async def run(
+        self, run_id: str, *, result_limit: int | None = None
+    ) -> RunSummary | None:
+        if result_limit is None:
+            rows = await self._read(schema.SUMMARY + " WHERE run_id = ?", (run_id,))
+            return next((schema.summary(row) for row in rows), None)
+        rows = await self._read(schema.SUMMARY_BOUNDED, (result_limit, run_id))
+        for *row, left_out in rows:
+            summary = schema.summary(row)
+            if left_out:
+                summary = attrs.evolve(summary, result=RESULT_LEFT_OUT)
+            return summary
+        return None
 
     async def runs(
         self,

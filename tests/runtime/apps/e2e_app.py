@@ -233,3 +233,20 @@ async def takes_host_down(how: str, seconds: float = 30.0) -> str:
 @coda.workflow()
 async def bystander(seconds: float) -> str:
     return await coda.context.spawn_task(nap, args={"seconds": seconds})
+
+
+@coda.task(max_retries=0)
+def wait_for_file(path: str, limit_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + limit_s
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@coda.workflow()
+async def gated_echo(value: Any, gate: str) -> Any:
+    """`value`, once the file `gate` exists."""
+    await coda.context.spawn_task(wait_for_file, args={"path": gate})
+    return value
