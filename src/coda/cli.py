@@ -103,7 +103,7 @@ def _print_json(value: Any) -> None:
 def _fail(message: str, code: int) -> NoReturn:
     # Never folded (scripts look for the paths and ids in it), and never read as
     # markup: messages quote what users typed and what their code raised.
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(_visible(message))}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -140,7 +140,22 @@ def _when(stamp: float | None) -> str:
 def _short(value: Any, width: int = 60) -> str:
     """`value` for a person, cut to `width`; escaped, since rich reads markup."""
     text = orjson.dumps(value).decode() if not isinstance(value, str) else value
-    return escape(text if len(text) <= width else text[: width - 1] + "…")
+    return escape(_visible(text if len(text) <= width else text[: width - 1] + "…"))
+
+
+# Control characters other than tab and newline, written as escapes: error
+# messages and results often carry what came from outside (an event payload,
+# a file's name), and an escape sequence in them would reach the terminal as
+# a command (set its title, clear the screen, fake a line of output).
+_CONTROLS = {
+    code: f"\\x{code:02x}"
+    for code in (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0))
+}
+
+
+def _visible(text: str) -> str:
+    """`text` with its control characters (but tab and newline) escaped."""
+    return text.translate(_CONTROLS)
 
 
 def _journal_must_exist(journal: str) -> None:
@@ -343,7 +358,7 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         out.print(_short(summary["result"], 2000))
     elif summary.get("error"):
         error = summary["error"]
-        out.print(escape(f"{error['type']}: {error['message']}"))
+        out.print(escape(_visible(f"{error['type']}: {error['message']}")))
 
 
 @app.command()
@@ -583,13 +598,21 @@ def replay(
     if outcome.reproduced:
         if error is not None:
             out.print(
-                escape(f"recorded error reproduced: {error.type}: {error.message}")
+                escape(
+                    _visible(
+                        f"recorded error reproduced: {error.type}: {error.message}"
+                    )
+                )
             )
         return
     # The steps replay, but the code ends the run otherwise than recorded.
     if error is not None and recorded is not None:
-        out.print(escape(f"the code now fails with {error.type}: {error.message}"))
-        out.print(escape(f"the history has {recorded.type}: {recorded.message}"))
+        out.print(
+            escape(_visible(f"the code now fails with {error.type}: {error.message}"))
+        )
+        out.print(
+            escape(_visible(f"the history has {recorded.type}: {recorded.message}"))
+        )
         _fail("the recorded error is not reproduced", 1)
     out.print(escape(f"the code now returns {_short_json(outcome.result)}"))
     out.print(escape(f"the history has {_short_json(outcome.recorded_result)}"))

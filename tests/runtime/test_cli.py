@@ -208,6 +208,23 @@ def test_values_are_printed_as_they_are(coda: CodaProcess) -> None:
     assert "[/x] [bold]not bold[/bold]" in shown.stdout
 
 
+def test_control_characters_in_an_error_do_not_reach_the_terminal(
+    coda: CodaProcess,
+) -> None:
+    # An error message built from outside input: an escape sequence in it
+    # (set the window title, clear the screen) is shown, not obeyed.
+    message = "bad \x1b]0;PWNED\x07 title \x1b[2J clear \r over"
+    done = coda.cli(
+        "submit", "doomed", as_json({"message": message}), "--wait", "--run-id", "esc"
+    )
+    assert done.returncode == 1
+    shown = coda.cli("history", "esc")
+    for output in (done.stdout + done.stderr, shown.stdout):
+        assert "\x1b" not in output and "\x07" not in output and "\r" not in output
+    assert "bad \\x1b]0;PWNED\\x07 title" in done.stdout
+    assert "\\x1b[2J" in shown.stdout
+
+
 def test_cancelling_a_run_stops_its_running_async_task(coda: CodaProcess) -> None:
     started = coda.workdir / "started"
     finished = coda.workdir / "finished"
