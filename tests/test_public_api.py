@@ -157,7 +157,7 @@ def test_a_name_cannot_be_taken_twice() -> None:
 
     with pytest.raises(TypeError, match="must be an async def"):
         coda.workflow(name="api.sync", registry=registry)(lambda: None)
-    with pytest.raises(ValueError, match="max_retries must be >= 0"):
+    with pytest.raises(ValueError, match="max_retries=-1: a whole number >= 0"):
         coda.task(name="api.neg", registry=registry, max_retries=-1)(first.fn)
     with pytest.raises(coda.UnknownNameError, match=r"no task named 'api\.none'"):
         registry.task("api.none")

@@ -16,7 +16,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 import attrs
 
 from coda.errors import UnknownNameError
-from coda.journal.events import RetryPolicy, qualified_name
+from coda.journal.events import RetryPolicy, check_number, qualified_name
 
 __all__ = [
     "Registry",
@@ -118,6 +118,7 @@ default_registry = Registry()
 
 
 def _policy(
+    definition: str,
     max_retries: int,
     retry_on: Iterable[type[BaseException]],
     backoff: float,
@@ -125,17 +126,46 @@ def _policy(
     max_backoff: float,
     max_lost_workers: int,
 ) -> RetryPolicy:
-    if max_retries < 0:
-        raise ValueError(f"max_retries must be >= 0, not {max_retries}")
-    names = tuple(qualified_name(cls) for cls in retry_on)
-    return RetryPolicy(
-        max_retries=max_retries,
-        retry_on=names,
-        backoff=backoff,
-        backoff_factor=backoff_factor,
-        max_backoff=max_backoff,
-        max_lost_workers=max_lost_workers,
-    )
+    """The retry policy `definition` (`task f`) declares, refused with the
+    parameter named if the journal could not hold it (see `RetryPolicy`)."""
+    if isinstance(retry_on, type) or not isinstance(retry_on, Iterable):
+        raise TypeError(
+            f"{definition}: retry_on={retry_on!r}: a list of exception classes, "
+            "such as [OSError]"
+        )
+    retry_on = list(retry_on)
+    for cls in retry_on:
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError(
+                f"{definition}: retry_on holds {cls!r}: a list of exception "
+                "classes, such as [OSError]"
+            )
+    try:
+        return RetryPolicy(
+            max_retries=max_retries,
+            retry_on=tuple(qualified_name(cls) for cls in retry_on),
+            backoff=backoff,
+            backoff_factor=backoff_factor,
+            max_backoff=max_backoff,
+            max_lost_workers=max_lost_workers,
+        )
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{definition}: {exc}") from None
+
+
+def _timeout(definition: str, timeout: float | None) -> float | None:
+    # Journaled with each of the task's steps, and 0 would read as "none given"
+    # (the supervisor's default) in one place and as "no time at all" in another.
+    if timeout is not None:
+        allowed = (
+            "a finite number of seconds > 0, or None for the supervisor's "
+            "default (coda run --task-timeout)"
+        )
+        try:
+            check_number("timeout", timeout, allowed, above_zero=True)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{definition}: {exc}") from None
+    return timeout
 
 
 @overload
@@ -175,16 +205,23 @@ def task(
     tasks in a thread. A failure whose type is in `retry_on` is retried up to
     `max_retries` times with exponential `backoff`; `timeout` bounds one try
     (start to close), after which the worker is replaced."""
-    policy = _policy(
-        max_retries, retry_on, backoff, backoff_factor, max_backoff, max_lost_workers
-    )
 
     def wrap(f: Callable[P, R]) -> TaskDef[P, R]:
+        declared = f"task {name or f.__name__}"
+        policy = _policy(
+            declared,
+            max_retries,
+            retry_on,
+            backoff,
+            backoff_factor,
+            max_backoff,
+            max_lost_workers,
+        )
         definition = TaskDef(
             name=name or f.__name__,
             fn=f,
             policy=policy,
-            timeout=timeout,
+            timeout=_timeout(declared, timeout),
             is_async=inspect.iscoroutinefunction(f),
         )
         (registry or default_registry).add_task(definition)
@@ -225,11 +262,14 @@ def workflow(
     """Declare a workflow (an `async def`). When it raises an error in `retry_on`,
     a new attempt starts from the top, up to `max_retries` times; tasks spawned
     with a `cache_key` that completed in an earlier attempt are not run again."""
-    policy = _policy(max_retries, retry_on, backoff, backoff_factor, max_backoff, 0)
 
     def wrap(f: Callable[P, R]) -> WorkflowDef[P, R]:
         if not inspect.iscoroutinefunction(f):
             raise TypeError(f"workflow {f.__qualname__} must be an async def")
+        declared = f"workflow {name or f.__name__}"
+        policy = _policy(
+            declared, max_retries, retry_on, backoff, backoff_factor, max_backoff, 0
+        )
         definition: WorkflowDef[P, R] = WorkflowDef(
             name=name or f.__name__, fn=cast(Callable[P, R], f), policy=policy
         )

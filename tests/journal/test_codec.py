@@ -41,13 +41,15 @@ error_infos = st.builds(
     traceback=texts,
     types=st.lists(texts, max_size=3).map(tuple),
 )
+# A policy refuses negative numbers when it is made (`RetryPolicy`); reading one
+# stored anyway is `test_a_stored_policy_is_read_as_it_is` in test_events.py.
 policies = st.builds(
     ev.RetryPolicy,
     max_retries=ints,
     retry_on=st.lists(texts, max_size=3).map(tuple),
-    backoff=floats,
-    backoff_factor=floats,
-    max_backoff=floats,
+    backoff=st.floats(min_value=0, allow_infinity=False),
+    backoff_factor=st.floats(min_value=0, allow_infinity=False),
+    max_backoff=st.floats(min_value=0, allow_infinity=False),
     max_lost_workers=ints,
 )
 

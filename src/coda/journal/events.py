@@ -19,6 +19,7 @@ field added later must have a default, and a class is never renamed or removed.
 
 from __future__ import annotations
 
+import math
 from typing import Any, TypeAlias
 
 import attrs
@@ -126,6 +127,16 @@ def qualified_name(cls: type) -> str:
     return _qualname(cls)
 
 
+# What `RetryPolicy.__new__` holds for a field not given: the default, unchecked.
+_UNSET: Any = object()
+
+# The largest integer the journal's JSON encoder (orjson) writes; and the
+# largest a float field may be given as an int, as its reader makes a float of
+# it: 2**53 + 1 would be read back as 2**53.
+_INT_MAX = 2**64 - 1
+_EXACT_FLOAT_MAX = 2**53
+
+
 @attrs.frozen
 class RetryPolicy:
     """When a failed task try, or a failed workflow attempt, is tried again.
@@ -136,6 +147,11 @@ class RetryPolicy:
     `max_backoff`. A lost worker is always retried, up to `max_lost_workers`
     times, whatever `retry_on` says: losing the process is not the task's fault
     until it happens again and again.
+
+    A policy is checked when it is made: its counts are whole numbers >= 0 and
+    its other numbers finite and >= 0, because it is journaled with every run
+    and task that uses it, and JSON has no infinity or NaN (the encoder writes
+    null, which no reader takes back).
     """
 
     max_retries: int = 0
@@ -145,10 +161,114 @@ class RetryPolicy:
     max_backoff: float = 60.0
     max_lost_workers: int = 2
 
+    # Checked here rather than by attrs validators: the journal's readers fill
+    # a policy in slot by slot (`object.__new__`, see `coda.journal.codec`),
+    # which they do only for a class without validators, and they must go on
+    # reading what is stored as it is, a policy journaled before these checks
+    # included, instead of refusing the journal. The parameters are the
+    # fields', in order. `quick` passes a right policy with every field given
+    # at a glance: every task a worker spawns brings its policy across the
+    # wire, where it is made again (`coda.runtime.wire`). Anything else is
+    # looked at field by field, to say what is wrong.
+    def __new__(
+        cls,
+        max_retries: Any = _UNSET,
+        retry_on: Any = _UNSET,
+        backoff: Any = _UNSET,
+        backoff_factor: Any = _UNSET,
+        max_backoff: Any = _UNSET,
+        max_lost_workers: Any = _UNSET,
+    ) -> RetryPolicy:
+        quick = (
+            type(max_retries) is int
+            and 0 <= max_retries <= _INT_MAX
+            and type(max_lost_workers) is int
+            and 0 <= max_lost_workers <= _INT_MAX
+            and type(backoff) is float
+            and 0.0 <= backoff < math.inf
+            and type(backoff_factor) is float
+            and 0.0 <= backoff_factor < math.inf
+            and type(max_backoff) is float
+            and 0.0 <= max_backoff < math.inf
+            and type(retry_on) is tuple
+        )
+        if quick:
+            try:
+                "".join(retry_on)  # the quickest test that every name is a str
+            except TypeError:
+                quick = False
+        if not quick:
+            given = {
+                "max_retries": max_retries,
+                "retry_on": retry_on,
+                "backoff": backoff,
+                "backoff_factor": backoff_factor,
+                "max_backoff": max_backoff,
+                "max_lost_workers": max_lost_workers,
+            }
+            _check_policy({k: v for k, v in given.items() if v is not _UNSET})
+        return object.__new__(cls)
+
     def delay(self, retry_number: int) -> float:
         """Seconds to wait before retry number `retry_number` (1-based)."""
-        raw = self.backoff * self.backoff_factor ** max(retry_number - 1, 0)
+        try:
+            raw = self.backoff * float(self.backoff_factor) ** max(retry_number - 1, 0)
+        except OverflowError:
+            # A float power past the largest float raises instead of giving
+            # infinity: the 1,025th retry of a policy that doubles, say.
+            raw = math.inf if self.backoff else 0.0
         return float(min(raw, self.max_backoff))
+
+
+_POLICY_NUMBERS = {
+    "max_retries": "a whole number >= 0",
+    "max_lost_workers": "a whole number >= 0",
+    "backoff": "a finite number of seconds >= 0",
+    "backoff_factor": "a finite number >= 0",
+    "max_backoff": "a finite number of seconds >= 0; for no cap, use a large number",
+}
+
+
+def _check_policy(given: dict[str, Any]) -> None:
+    for name, value in given.items():
+        if name != "retry_on":
+            whole = name in ("max_retries", "max_lost_workers")
+            check_number(name, value, _POLICY_NUMBERS[name], whole=whole)
+        elif type(value) is not tuple or not all(isinstance(n, str) for n in value):
+            raise TypeError(
+                f"retry_on={value!r}: a tuple of qualified class names, such as "
+                "('OSError', 'app.errors.Busy')"
+            )
+
+
+def check_number(
+    name: str,
+    value: object,
+    allowed: str,
+    *,
+    whole: bool = False,
+    above_zero: bool = False,
+) -> None:
+    """Refuse a declared number the journal could not store and read back as it
+    is, or that means nothing as a count or a time: `allowed` says what may be
+    given instead.
+
+    A bool is refused although it is an int: `max_retries=True` is a mistake.
+    So is a subclass of float, which the JSON encoder refuses to write.
+    """
+    number: float
+    if type(value) is float and not whole:
+        number = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if value > (_INT_MAX if whole else _EXACT_FLOAT_MAX):
+            most = "2**64 - 1" if whole else "2**53 as an int (or pass a float)"
+            raise ValueError(f"{name}={value}: {allowed}, up to {most}")
+        number = value
+    else:
+        raise TypeError(f"{name}={value!r}: {allowed}, not a {type(value).__name__}")
+    # NaN compares false to everything, so it fails the first test.
+    if not (number > 0 if above_zero else number >= 0) or number == math.inf:
+        raise ValueError(f"{name}={value!r}: {allowed}")
 
 
 @attrs.frozen(kw_only=True)
