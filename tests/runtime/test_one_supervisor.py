@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
+
+import pytest
 
 from coda.journal.events import TaskFailed
 
-from .support import CodaProcess, base_env, session_members, wait_for
+from .support import PYTHON, CodaProcess, base_env, session_members, wait_for
 
 
 def test_second_supervisor_on_the_same_journal_refuses(coda: CodaProcess) -> None:
@@ -48,3 +52,52 @@ def test_second_supervisor_on_the_same_journal_refuses(coda: CodaProcess) -> Non
     # The second supervisor did not "recover" the run the first was running.
     assert not [e for e in history if isinstance(e, TaskFailed)], history
     assert coda.socket.exists()
+
+
+def second_supervisor(coda: CodaProcess, journal: Path) -> tuple[int, str]:
+    """Start `coda run` on `journal` beside `coda`'s; its exit code and output."""
+    command = [PYTHON, "-m", "coda", "run", coda.app, "--journal", str(journal)]
+    second = subprocess.Popen(
+        [*command, "--workers", "1"],
+        cwd=coda.workdir,
+        env=base_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = second.communicate(timeout=20)
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait()
+    assert session_members(second.pid) == []
+    return second.returncode, output
+
+
+@pytest.mark.parametrize("alias", ["symlink", "hard link"])
+def test_the_journal_under_another_name_is_refused_too(
+    coda: CodaProcess, alias: str
+) -> None:
+    # In another directory, with a .coda of its own: only the file is shared.
+    other = coda.workdir / "other"
+    other.mkdir()
+    journal = other / "alias.db"
+    if alias == "symlink":
+        journal.symlink_to(coda.journal)
+    else:
+        os.link(coda.journal, journal)
+    with coda.client() as client:
+        run_id = client.submit("quick", {"x": 1}, run_id="before")
+        assert client.result(run_id, timeout=10) == 3
+
+        code, output = second_supervisor(coda, journal)
+
+        assert client.result(client.submit("quick", {"x": 2}), timeout=10) == 5
+        assert client.stats()["submitted"] == 2
+    assert code == 1, output
+    assert f"another supervisor (pid {coda.pid}) is serving {coda.journal}" in output
+    assert "Traceback" not in output
+    assert coda.alive()

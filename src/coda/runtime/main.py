@@ -12,6 +12,8 @@ import fcntl
 import logging
 import os
 import signal
+import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,30 +103,101 @@ async def serve(
 
 @contextlib.contextmanager
 def _journal_lock(journal_path: str) -> Iterator[None]:
-    """Hold the journal's lock while serving it: one supervisor per journal.
+    """Hold the journal's locks while serving it: one supervisor per journal.
 
     A second supervisor would recover the runs the first is running, record
     their tries as interrupted and run them again, and take over the first
-    one's socket. The lock is an flock on a file beside the socket, which the
-    kernel releases however its holder ends, SIGKILL included, so a crashed
-    supervisor never keeps the next one out. Workers do not inherit it.
+    one's socket. The locks are flocks, which the kernel releases however their
+    holder ends, SIGKILL included, so a crashed supervisor never keeps the next
+    one out. Workers do not inherit them.
+
+    A journal may have several names, so there are two: one on a file beside
+    the socket, named by the journal's real path (symlinks resolved), and one
+    named by the journal file's device and inode, which its hard links and bind
+    mounts share. As a hard link may be in any directory, that one is in a
+    directory of this user's under the temporary directory, and removed when
+    done (a supervisor given another TMPDIR, or a private /tmp, does not see
+    it). Neither lock is on the journal itself: SQLite holds POSIX locks on
+    it, which this process closing any descriptor of the file would drop.
     """
-    journal = Path(journal_path).absolute()
-    path = journal.parent / ".coda" / f"{journal.name}.lock"
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
+    journal = Path(journal_path).resolve()
+    beside = journal.parent / ".coda" / f"{journal.name}.lock"
+    beside.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _flock(beside, journal):
+        file = _journal_file(journal)
+        aliases = _user_lock_directory() / f"journal-{file.st_dev}-{file.st_ino}.lock"
+        with _flock(aliases, journal, remove=True):
+            yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, journal: Path, *, remove: bool = False) -> Iterator[None]:
+    """Hold an flock on `path`, which says who holds it and for what journal.
+
+    With `remove`, the file is removed when done, before the lock is let go;
+    so a file locked is only ours if it is still the one at `path`.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            held = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            holder, _, served = held.partition("\n")
+            served = served.strip() or str(journal)
+            alias = "" if served == str(journal) else f" (the same file as {journal})"
             raise CodaError(
-                f"another supervisor (pid {holder}) is serving {journal}; stop it "
-                "before starting another, or talk to it with `coda submit` and "
-                "friends"
+                f"another supervisor (pid {holder.strip() or '?'}) is serving "
+                f"{served}{alias}; stop it before starting another, or talk to it "
+                "with `coda submit` and friends"
             ) from None
+        if not remove or _is_at(fd, path):
+            break
+        os.close(fd)  # its holder removed it as we opened it: try again
+    try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}\n{journal}\n".encode(), 0)
         yield
     finally:
+        if remove:
+            path.unlink(missing_ok=True)
         os.close(fd)
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    try:
+        there = path.stat()
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _journal_file(journal: Path) -> os.stat_result:
+    """The journal file's identity, made first if there is no file yet.
+
+    A hard link to the journal can be made once the file exists, so it must
+    have its identity locked from the start. An empty file is a journal yet to
+    be created, to SQLite and to Coda. Nothing of this process has the file
+    open yet, so closing the descriptor that made it drops no lock of SQLite's.
+    """
+    try:
+        return os.stat(journal)
+    except FileNotFoundError:
+        os.close(os.open(journal, os.O_RDONLY | os.O_CREAT, 0o644))
+        return os.stat(journal)
+
+
+def _user_lock_directory() -> Path:
+    """`coda-UID` in the temporary directory, this user's alone."""
+    path = Path(tempfile.gettempdir()) / f"coda-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        # Another user's: whoever made it could hold, or swap, the locks in it.
+        raise CodaError(
+            f"{path} is not a directory of this user's; coda run keeps the locks "
+            "that tell it whether a journal is already served there: remove it"
+        )
+    return path
