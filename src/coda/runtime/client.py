@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import itertools
 import os
+import socket
 import threading
 import weakref
 from collections.abc import AsyncIterator
@@ -85,25 +87,32 @@ class Client:
         target = str(address)
         loop = asyncio.get_running_loop()
         connect: Connect
-        if target.startswith("tcp://"):
-            host, _, port = target[len("tcp://") :].rpartition(":")
-            connect = functools.partial(loop.create_connection, host=host, port=port)
-        else:
-            connect = functools.partial(loop.create_unix_connection, path=target)
         try:
             async with asyncio.timeout(timeout):
+                if target.startswith("tcp://"):
+                    host, _, port = target[len("tcp://") :].rpartition(":")
+                    connect = functools.partial(
+                        loop.create_connection, host=host, port=port
+                    )
+                else:
+                    sock = await _unix_socket(target, timeout)
+                    connect = functools.partial(loop.create_unix_connection, sock=sock)
                 # A connection the replies are handed on from as they arrive
                 # (`Connection.serve`), a turn of the loop sooner.
                 conn = await Connection.open(connect, name=f"supervisor at {target}")
         except (OSError, TimeoutError) as exc:
-            raise CodaError(
-                f"cannot reach a supervisor at {target}: {exc}. Is `coda run` "
-                "running for this journal? (--journal, --address or CODA_ADDRESS)"
-            ) from exc
-        if token:
-            await client_handshake(conn, "client", token=token)
-        else:
-            await client_handshake(conn, "client")
+            raise _unreachable(target, exc, timeout) from exc
+        try:
+            if token:
+                await client_handshake(conn, "client", token=token)
+            else:
+                await client_handshake(conn, "client")
+        except OSError as exc:
+            # The link itself failed under the hello (a route gone, say), which
+            # the handshake's closing re-raises; a supervisor that hung up or
+            # answered wrong is a ProtocolError, raised as it is.
+            conn.writer.transport.abort()
+            raise _unreachable(target, exc, timeout) from exc
         return cls(conn)
 
     async def close(self) -> None:
@@ -246,6 +255,49 @@ class Client:
 
     async def stats(self) -> dict[str, Any]:
         return await self.request("stats")
+
+
+def _unreachable(target: str, exc: BaseException, timeout: float) -> CodaError:
+    why = str(exc) or f"no connection within {timeout:g} s"
+    return CodaError(
+        f"cannot reach a supervisor at {target}: {why}. Is `coda run` running "
+        "for this journal? (--journal, --address or CODA_ADDRESS)"
+    )
+
+
+async def _unix_socket(path: str, timeout: float) -> socket.socket:
+    """A socket connected to the Unix socket `path`, waiting its turn to be.
+
+    While the supervisor's queue of connections not yet accepted is full (a
+    burst of clients, a flood), connecting fails at once with EAGAIN instead
+    of waiting as a TCP connection would. asyncio would take that for a
+    connection in progress, then for a connection made, and the hello would
+    fail with ENOTCONN: so the socket is connected here, tried again with a
+    growing pause until `timeout`.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pause = 0.001
+    try:
+        while True:
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                if loop.time() + pause > deadline:
+                    raise BlockingIOError(
+                        errno.EAGAIN,
+                        f"its queue of connections stayed full for {timeout:g} s; "
+                        "it is overloaded or stopped",
+                    ) from None
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+            else:
+                return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 def result_of(summary: dict[str, Any]) -> Any:
