@@ -123,11 +123,20 @@ class WorkerPool:
         try:
             await server_handshake(conn)
         except ProtocolError as exc:
-            logger.error(
-                "worker %s (pid %d) failed its handshake: %s", name, process.pid, exc
-            )
             await conn.close()
-            await self._reap(process)
+            code = await self._reap(process)
+            # Most often the app failed to import in the worker (its traceback
+            # went to stderr): a quick death like any other, or the next worker
+            # would be started at once, and fail the same way, in a hot loop.
+            self._quick_deaths += 1
+            self._last_loss = f"{_describe_exit(code)} before its handshake"
+            logger.warning(
+                "worker %s (pid %d) lost: %s (%s)",
+                name,
+                process.pid,
+                self._last_loss,
+                exc,
+            )
             self._schedule_respawn()
             return
         handle = WorkerHandle(name, process, conn, time.monotonic())
