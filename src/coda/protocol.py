@@ -572,6 +572,11 @@ class Connection:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def flush(self) -> None:
+        """Write what is queued now rather than at the end of this turn."""
+        if self._outgoing:
+            self._flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if not self._outgoing:

@@ -214,24 +214,26 @@ class Activations:
             if run is None or run.host is not worker:
                 continue
             if run.activating and not injected:
-                run.host_losses += 1
                 running_code.append(run)
             run.host, run.activating = None, False
             taken[run_id] = run
         worker.hosted.clear()
         if running_code:
-            names = ", ".join(run.run_id for run in running_code[:5])
+            # A worker runs the activations it is sent one after the other,
+            # answering each before the next: of those it had not answered,
+            # the first sent is the one whose code was running; the others
+            # waited behind it (behind a blocked loop, say) and are not to
+            # blame. Answers sent before it died were read before its loss.
+            culprit = min(running_code, key=lambda run: run.activation)
+            culprit.host_losses += 1
             logger.warning(
-                "worker %s was lost (%s) while running the workflow code of "
-                "run(s) %s%s",
+                "worker %s was lost (%s) while running the workflow code of run %s",
                 worker.name,
                 worker.lost_reason or "?",
-                names,
-                " ..." if len(running_code) > 5 else "",
+                culprit.run_id,
             )
-        for run in running_code:
-            if run.host_losses >= self.MAX_HOST_LOSSES:
-                self._park_host_killer(run, worker)
+            if culprit.host_losses >= self.MAX_HOST_LOSSES:
+                self._park_host_killer(culprit, worker)
         return taken
 
     def _park_host_killer(self, run: LiveRun, worker: WorkerHandle) -> None:

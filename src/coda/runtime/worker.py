@@ -90,6 +90,12 @@ class Worker:
             # one, see `_TryThreads.abandon`) until the function returns.
             self._cancel(msg["run"], msg.get("try"))
         elif op == "activate":
+            # Answers to the activations before this one leave first: should
+            # this one's code end the process or block the loop, they would
+            # never leave, and the supervisor could not tell the activation
+            # that was running (the first unanswered, see
+            # `Activations.host_lost`) from those it had answered.
+            self.conn.flush()
             self._activate(msg)
         elif op == "drop":
             self.instances.pop(msg["run"], None)
