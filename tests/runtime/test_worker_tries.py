@@ -34,6 +34,9 @@ class RecordingConnection:
     def send(self, msg: dict[str, Any]) -> None:
         self.sent.append(msg)
 
+    def flush(self) -> None:
+        pass  # sent at once already
+
 
 registry = Registry()
 seen_threads: list[str] = []
