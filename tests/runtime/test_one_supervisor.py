@@ -101,3 +101,8 @@ def test_the_journal_under_another_name_is_refused_too(
     assert f"another supervisor (pid {coda.pid}) is serving {coda.journal}" in output
     assert "Traceback" not in output
     assert coda.alive()
+    if alias == "symlink":
+        # The CLI given the link reaches the supervisor serving the file.
+        status = coda.cli("wait", "before", "--journal", str(journal))
+        assert status.returncode == 0, status.stderr
+        assert "completed" in status.stdout

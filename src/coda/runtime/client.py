@@ -50,8 +50,12 @@ DEFAULT_JOURNAL = "coda.db"
 
 
 def default_socket_path(journal: str | os.PathLike[str] = DEFAULT_JOURNAL) -> Path:
-    """The supervisor's Unix socket for a journal: `.coda/NAME.sock` beside it."""
-    path = Path(journal).absolute()
+    """The supervisor's Unix socket for a journal: `.coda/NAME.sock` beside it.
+
+    Beside the file itself: a journal named through a symlink finds the
+    supervisor serving it under its real name (`coda run` locks that name).
+    """
+    path = Path(journal).resolve()
     return path.parent / ".coda" / f"{path.name}.sock"
 
 
