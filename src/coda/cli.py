@@ -488,6 +488,8 @@ def list_runs(
             status=status.value if status else None,
             workflow=workflow,
             limit=limit,
+            # The table shows no result: read none (JSON lines print them).
+            result_limit=None if as_json else 0,
         )
     )
     if as_json:

@@ -315,6 +315,29 @@ async def _waits_on_a_live_run(tmp_path: Path, replied: list[str]) -> None:
         writer.close()
 
 
+def test_a_listing_leaves_large_results_out(tmp_path: Path) -> None:
+    asyncio.run(_listing(tmp_path))
+
+
+async def _listing(tmp_path: Path) -> None:
+    # Twenty runs of 4 MB: 80 MB in one reply, over the client's frame limit
+    # (here 64 MiB), and as much in the supervisor's memory for one request.
+    async with _serving(tmp_path) as (_, _, client), asyncio.timeout(120):
+        big = "z" * 4_000_000
+        for n in range(20):
+            await client.run("echo", {"value": big}, run_id=f"big-{n}")
+        await client.run("echo", {"value": "small"}, run_id="small")
+        listed = {run["run_id"]: run for run in await client.runs(limit=30)}
+        assert len(listed) == 21
+        assert listed["small"]["result"] == "small"
+        assert "result_left_out" not in listed["small"]
+        assert listed["big-3"]["result"] is None
+        assert listed["big-3"]["result_left_out"] is True
+        assert listed["big-3"]["status"] == "completed"
+        # The run itself still has it.
+        assert (await client.status("big-3"))["result"] == big
+
+
 def test_a_late_error_for_an_abandoned_request_is_not_a_refusal(
     tmp_path: Path,
 ) -> None:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import attrs
 import orjson
 
 from coda.errors import InternalError, JournalError, JournalVersionError, RunNotFound
-from coda.journal.base import RunSummary
+from coda.journal.base import RESULT_LEFT_OUT, RunSummary
 from coda.journal.codec import decode
 from coda.journal.events import ErrorInfo, Event
 from coda.state import RunStatus
@@ -241,20 +242,46 @@ def summary(row: Sequence[Any]) -> RunSummary:
 
 
 def runs_query(
-    status: str | None, workflow: str | None, limit: int
+    status: str | None,
+    workflow: str | None,
+    limit: int,
+    result_limit: int | None = None,
 ) -> tuple[str, list[Any]]:
-    """The query of `Journal.runs`: newest first, filtered by status and workflow."""
+    """The query of `Journal.runs`: newest first, filtered by status and workflow.
+
+    With `result_limit`, a result of more characters is not read, and a last
+    column says so (see `summaries`).
+    """
     where: list[str] = []
     params: list[Any] = []
+    columns = SUMMARY
+    if result_limit is not None:
+        columns = (
+            "SELECT run_id, workflow, status, attempt, submitted_at, updated_at,"
+            " events, CASE WHEN length(result) > ?1 THEN NULL ELSE result END,"
+            " error, coalesce(length(result) > ?1, 0) FROM runs"
+        )
+        params.append(result_limit)
     if status is not None:
         where.append("status = ?")
         params.append(status)
     if workflow is not None:
         where.append("workflow = ?")
         params.append(workflow)
-    sql = SUMMARY + (" WHERE " + " AND ".join(where) if where else "")
+    sql = columns + (" WHERE " + " AND ".join(where) if where else "")
     params.append(limit)
     return sql + " ORDER BY submitted_at DESC, rk DESC LIMIT ?", params
+
+
+def summaries(rows: Iterable[Sequence[Any]], bounded: bool) -> list[RunSummary]:
+    """Summaries of `runs_query`'s rows; `bounded` if it had a `result_limit`."""
+    if not bounded:
+        return [summary(row) for row in rows]
+    out = []
+    for *row, left_out in rows:
+        one = summary(row)
+        out.append(attrs.evolve(one, result=RESULT_LEFT_OUT) if left_out else one)
+    return out
 
 
 def prefix_params(prefix: str) -> tuple[str, str]:
@@ -373,11 +400,12 @@ def read_runs_sync(
     status: str | None = None,
     workflow: str | None = None,
     limit: int = 100,
+    result_limit: int | None = None,
 ) -> list[RunSummary]:
     """`SQLiteJournal.runs`, read without an event loop and without write locks."""
     with closing(_connect_ro_sync(Path(path))) as conn:
-        sql, params = runs_query(status, workflow, limit)
-        return [summary(row) for row in conn.execute(sql, params)]
+        sql, params = runs_query(status, workflow, limit, result_limit)
+        return summaries(conn.execute(sql, params), result_limit is not None)
 
 
 async def inspect(path: Path, *, migrate: bool) -> None:

@@ -89,8 +89,12 @@ class Journal(Protocol):
         status: str | None = None,
         workflow: str | None = None,
         limit: int = 100,
+        result_limit: int | None = None,
     ) -> list[RunSummary]:
-        """Runs from the projection, most recently submitted first."""
+        """Runs from the projection, most recently submitted first.
+
+        `result_limit` as for `run`.
+        """
 
     async def unfinished(self) -> dict[str, list[Event]]:
         """The histories of every run that is not finished, for start-up."""

@@ -66,7 +66,11 @@ class MemoryJournal:
         return None if state is None else summarize(state)
 
     async def runs(
-        self, status: str | None = None, workflow: str | None = None, limit: int = 100
+        self,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        result_limit: int | None = None,
     ) -> list[RunSummary]:
         states = sorted(self._states.values(), key=lambda s: -s.submitted_at)
         return [

@@ -577,9 +577,11 @@ class SQLiteJournal:
         status: str | None = None,
         workflow: str | None = None,
         limit: int = 100,
+        result_limit: int | None = None,
     ) -> list[RunSummary]:
-        sql, params = schema.runs_query(status, workflow, limit)
-        return [schema.summary(row) for row in await self._read(sql, params)]
+        sql, params = schema.runs_query(status, workflow, limit, result_limit)
+        rows = await self._read(sql, params)
+        return schema.summaries(rows, result_limit is not None)
 
     async def unfinished(self) -> dict[str, list[Event]]:
         """Histories of the runs whose status is not finished, in one query.

@@ -247,6 +247,9 @@ class Client:
     async def runs(
         self, status: str | None = None, workflow: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
+        """Summaries of runs, newest first. A result of more than 64 Ki
+        characters is left out (`"result": None, "result_left_out": True`):
+        `status` of that run has it."""
         reply = await self.request(
             "list", status=status, workflow=workflow, limit=limit
         )

@@ -99,6 +99,8 @@ class BadRequest(CodaError, ValueError):
 def summary_dict(summary: RunSummary) -> dict[str, Any]:
     body = attrs.asdict(summary, recurse=False)
     body["error"] = encode_error(summary.error) if summary.error else None
+    if summary.result is RESULT_LEFT_OUT:
+        body["result"], body["result_left_out"] = None, True
     return body
 
 
@@ -471,8 +473,14 @@ class ClientServer:
                 raise BadRequest(
                     "bad-request", f"list's {field!r} must be a string or null"
                 )
+        # A listing leaves large results out (a hundred runs of 15 MB would
+        # not fit a frame, nor the supervisor's memory): `result_left_out`
+        # says so, and a status of the run has it.
         runs = await self.supervisor.journal.runs(
-            status=msg.get("status"), workflow=msg.get("workflow"), limit=limit
+            status=msg.get("status"),
+            workflow=msg.get("workflow"),
+            limit=limit,
+            result_limit=_SMALL_RESULT_CHARS,
         )
         return {"op": "runs", "runs": [summary_dict(r) for r in runs]}
 
