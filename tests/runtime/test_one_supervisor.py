@@ -21,32 +21,15 @@ def test_second_supervisor_on_the_same_journal_refuses(coda: CodaProcess) -> Non
         )
         wait_for(marker.exists, 10, "the task to start")
 
-        second = subprocess.Popen(
-            coda.command(),
-            cwd=coda.workdir,
-            env=base_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            output, _ = second.communicate(timeout=20)
-        finally:
-            if second.poll() is None:
-                second.kill()
-                second.wait()
-        leftovers = session_members(second.pid)
+        code, output = second_supervisor(coda, coda.journal)
 
         # The first one goes on undisturbed, and is still the one clients reach.
         result = client.result(run_id, timeout=10)
         assert client.stats()["submitted"] == 1
 
-    assert second.returncode == 1, output
+    assert code == 1, output
     assert str(coda.journal) in output
     assert f"pid {coda.pid}" in output
-    assert leftovers == []
     assert result["first_pid"] == result["pid"]
     history = coda.history(run_id)
     # The second supervisor did not "recover" the run the first was running.

@@ -279,9 +279,7 @@ class ClientServer:
             return
         except Exception as exc:
             reply = _error_reply(msg, exc)
-        with contextlib.suppress(ConnectionClosed):
-            await _room(conn)
-            _reply(conn, msg, reply)
+        await _reply_with_room(conn, msg, reply)
 
     def _reply_soon(
         self, conn: Connection, msg: dict[str, Any], reply: dict[str, Any]
@@ -289,14 +287,12 @@ class ClientServer:
         """`_reply` now if the client has room, else once it has (a task)."""
         if conn.backlog() <= _REPLY_BACKLOG_BYTES or conn.closed:
             _reply(conn, msg, reply)
-            return
+        else:
+            self._keep(_reply_with_room(conn, msg, reply))
 
-        async def later() -> None:
-            with contextlib.suppress(ConnectionClosed):
-                await _room(conn)
-                _reply(conn, msg, reply)
-
-        task = asyncio.ensure_future(later())
+    def _keep(self, answer: Any) -> None:
+        """Run the coroutine `answer` as a task, kept until it ends."""
+        task = asyncio.ensure_future(answer)
         self._answers.add(task)
         task.add_done_callback(self._answers.discard)
 
@@ -377,13 +373,9 @@ class ClientServer:
                 reply = {**await self._wait(msg), "created": created}
             except Exception as exc:
                 reply = _error_reply(msg, exc)
-            with contextlib.suppress(ConnectionClosed):
-                await _room(conn)
-                _reply(conn, msg, reply)
+            await _reply_with_room(conn, msg, reply)
 
-        task = asyncio.ensure_future(answer())
-        self._answers.add(task)
-        task.add_done_callback(self._answers.discard)
+        self._keep(answer())
 
     # Requests.
 
@@ -587,6 +579,15 @@ async def _room(conn: Connection) -> None:
     """Return once the client's unread replies are under the backlog limit."""
     while conn.backlog() > _REPLY_BACKLOG_BYTES:
         await conn.drain()
+
+
+async def _reply_with_room(
+    conn: Connection, msg: dict[str, Any], reply: dict[str, Any]
+) -> None:
+    """`_reply` once the client has room; nothing if it has gone meanwhile."""
+    with contextlib.suppress(ConnectionClosed):
+        await _room(conn)
+        _reply(conn, msg, reply)
 
 
 def _reading_full(reading: dict[str, set[asyncio.Task[None]]]) -> bool:
