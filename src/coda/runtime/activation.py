@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from coda import decide
-from coda.errors import ProtocolError, ValueTooLarge, WorkerLost
+from coda.errors import CodaError, ProtocolError, ValueTooLarge, WorkerLost
 from coda.journal import codec
 from coda.journal.events import ErrorInfo, Event, TaskFailed, TaskStarted
 from coda.replay.engine import ReuseResult
@@ -43,11 +43,22 @@ from coda.runtime import faults
 from coda.runtime.pool import WorkerHandle, WorkerPool
 from coda.runtime.runs import LiveRun, Record, Stats
 from coda.runtime.wire import decode_command, decode_error
-from coda.state import RunStatus
+from coda.state import RunState, RunStatus
 
 __all__ = ["Activations"]
 
 logger = logging.getLogger(__name__)
+
+
+def _stuck(state: RunState) -> bool:
+    """Whether a running run's current attempt has no step that may yet end:
+    its code, waiting still, waits on something else."""
+    if state.status is not RunStatus.RUNNING:
+        return False
+    return not any(
+        step.attempt == state.attempt and not step.status.finished
+        for step in state.steps.values()
+    )
 
 
 def _bookkeeping(event: Event) -> bool:
@@ -188,6 +199,24 @@ class Activations:
             self._record(run, events)
         elif run.outbox:
             self.activate(run)
+        elif not commands and _stuck(run.state):
+            self._park_stuck(run)
+
+    def _park_stuck(self, run: LiveRun) -> None:
+        """The run's code waits, and nothing it could wait for is coming."""
+        run_id = run.run_id
+        error = ErrorInfo.from_exception(
+            CodaError(
+                f"run {run_id} is stuck: its workflow code waits, and no task of "
+                "it is in flight or due, so nothing will wake it (workflow code "
+                "may await only the tasks it spawns and coda.context's values; "
+                "an asyncio future or event that nothing sets never resolves). "
+                f"Fix the code, then `coda resume {run_id}`"
+            )
+        )
+        logger.error("run %s parked: %s", run_id, error.message)
+        self.stats.parked += 1
+        self._record(run, decide.park(run.state, error, self.clock()))
 
     def unhost(self, worker: WorkerHandle, run_id: str) -> LiveRun | None:
         """Take a run away from the worker hosting it; None if it does not."""

@@ -250,3 +250,12 @@ async def gated_echo(value: Any, gate: str) -> Any:
     """`value`, once the file `gate` exists."""
     await coda.context.spawn_task(wait_for_file, args={"path": gate})
     return value
+
+
+@coda.workflow()
+async def waits_for_nothing(after_a_task: bool = False) -> str:
+    """Awaits a future that nothing resolves: the run can never go on."""
+    if after_a_task:
+        await coda.context.spawn_task(double, args={"x": 1})
+    await asyncio.get_running_loop().create_future()
+    return "never"
