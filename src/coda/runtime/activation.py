@@ -55,9 +55,12 @@ def _stuck(state: RunState) -> bool:
     its code, waiting still, waits on something else."""
     if state.status is not RunStatus.RUNNING:
         return False
+    # Newest first: a step still open is nearly always among the last, and a
+    # run of 10,000 steps answers many activations with nothing new (a
+    # gather waiting for the rest): from the oldest this would be quadratic.
     return not any(
         step.attempt == state.attempt and not step.status.finished
-        for step in state.steps.values()
+        for step in reversed(state.steps.values())
     )
 
 
