@@ -1285,3 +1285,21 @@ def test_a_later_completion_in_the_same_batch_wins_the_cache(tmp_path: Path) -> 
         return await journal.cached_result(run_id, ["k"])
 
     assert run_async(tmp_path / "j.db", body) == "second"
+
+
+def test_reading_a_damaged_journal_says_so_and_names_doctor(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    for n in range(50):
+        run_async(path, lambda j, n=n: j.append(completed_run(f"run-{n:03d}")))
+    # Every page but the first (the schema) overwritten, as a failing disk or
+    # a stray write would.
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(4096)
+        f.write(b"\xa5" * (size - 4096))
+    for read in (
+        lambda: read_history_sync(path, "run-007"),
+        lambda: read_runs_sync(path),
+    ):
+        with pytest.raises(JournalError, match=r"damaged.*coda doctor"):
+            read()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
-from contextlib import closing
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -386,10 +386,31 @@ def _connect_ro_sync(path: Path) -> sqlite3.Connection:
     return conn
 
 
+@contextmanager
+def _reading(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection; SQLite's errors while reading said as `JournalError`."""
+    with closing(_connect_ro_sync(path)) as conn:
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            damaged = exc.sqlite_errorcode & 0xFF in (
+                sqlite3.SQLITE_CORRUPT,
+                sqlite3.SQLITE_NOTADB,
+            )
+            advice = (
+                f"the file is damaged: stop writing to it and run `coda doctor {path}`"
+                if damaged
+                else "check the file and the disk, then try again"
+            )
+            raise JournalError(
+                f"reading journal {path} failed ({exc}); {advice}"
+            ) from exc
+
+
 def read_history_sync(path: str | Path, run_id_or_prefix: str) -> list[Event]:
     """The history of one run, read without an event loop and without write locks."""
     path = Path(path)
-    with closing(_connect_ro_sync(path)) as conn:
+    with _reading(path) as conn:
         rows = conn.execute(PREFIX, prefix_params(run_id_or_prefix)).fetchall()
         run_id = pick_run(run_id_or_prefix, [r[0] for r in rows], path)
         return [decode(body) for (body,) in conn.execute(HISTORY, (run_id,))]
@@ -403,7 +424,7 @@ def read_runs_sync(
     result_limit: int | None = None,
 ) -> list[RunSummary]:
     """`SQLiteJournal.runs`, read without an event loop and without write locks."""
-    with closing(_connect_ro_sync(Path(path))) as conn:
+    with _reading(Path(path)) as conn:
         sql, params = runs_query(status, workflow, limit, result_limit)
         return summaries(conn.execute(sql, params), result_limit is not None)
 
