@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
@@ -1303,3 +1304,30 @@ def test_reading_a_damaged_journal_says_so_and_names_doctor(tmp_path: Path) -> N
     ):
         with pytest.raises(JournalError, match=r"damaged.*coda doctor"):
             read()
+
+
+def test_a_journal_in_a_folder_the_reader_cannot_write_is_read_as_immutable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As another user would see a supervisor's journal with none running:
+    # SQLite could not make the -shm file a WAL reader needs. (This process
+    # may write anywhere as root, so the folder's answer is what it is told.)
+    path = tmp_path / "j.db"
+    run_async(path, lambda j: j.append(completed_run("done")))
+    assert not Path(f"{path}-wal").exists()
+    folder = str(path.parent)
+    real_access = os.access
+
+    def no_writing_here(where: Any, mode: int, **kwargs: Any) -> bool:
+        if str(where) == folder and mode == os.W_OK:
+            return False
+        return real_access(where, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", no_writing_here)
+    assert schema.ro_uri(path).endswith("?mode=ro&immutable=1")
+    assert [r.run_id for r in read_runs_sync(path)] == ["done"]
+    assert read_history_sync(path, "done") == completed_run("done")
+    assert not Path(f"{path}-shm").exists()
+    # With a WAL beside it a writer may have it open: never immutable.
+    Path(f"{path}-wal").touch()
+    assert schema.ro_uri(path).endswith("?mode=ro")

@@ -10,6 +10,7 @@ readers for the CLI.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -366,8 +367,23 @@ def look_at_file(path: Path) -> None:
 
 
 def ro_uri(path: Path) -> str:
-    """A URI that opens `path` read-only: no write lock, no change, ever."""
-    return path.absolute().as_uri() + "?mode=ro"
+    """A URI that opens `path` read-only: no write lock, no change, ever.
+
+    A reader of a WAL journal needs its shared-memory file (`-shm`), which
+    SQLite makes beside the journal when no writer has it open: in a folder
+    this process may not write to, that failed ("attempt to write a readonly
+    database"), and `coda ls` worked only while a supervisor ran. With no
+    `-wal` file beside the journal no writer has it open (the last one
+    removed it when it closed), and the file is opened as immutable, which
+    needs no shared memory. A supervisor starting meanwhile could change
+    what such a reader sees; it is a reader of a moment, and a folder the
+    reader may not write to is another user's.
+    """
+    path = path.absolute()
+    uri = path.as_uri() + "?mode=ro"
+    if not os.access(path.parent, os.W_OK) and not Path(f"{path}-wal").exists():
+        uri += "&immutable=1"
+    return uri
 
 
 def _connect_ro_sync(path: Path) -> sqlite3.Connection:
