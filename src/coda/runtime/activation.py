@@ -217,7 +217,11 @@ class Activations:
                 f"Fix the code, then `coda resume {run_id}`"
             )
         )
-        logger.error("run %s parked: %s", run_id, error.message)
+        self._park(run, error)
+
+    def _park(self, run: LiveRun, error: ErrorInfo, then: str = "") -> None:
+        """Park the run with `error`, said in the log (with `then`, what to do)."""
+        logger.error("run %s parked: %s%s", run.run_id, error.message, then)
         self.stats.parked += 1
         self._record(run, decide.park(run.state, error, self.clock()))
 
@@ -280,9 +284,7 @@ class Activations:
                 f"`coda resume {run_id}`"
             )
         )
-        logger.error("run %s parked: %s", run_id, error.message)
-        self.stats.parked += 1
-        self._record(run, decide.park(run.state, error, self.clock()))
+        self._park(run, error)
 
     def on_resync(self, worker: WorkerHandle, msg: dict[str, Any]) -> None:
         """The host lost the run's instance: send it the whole history again."""
@@ -296,13 +298,8 @@ class Activations:
         if run is None:
             return
         self.unhost(worker, run.run_id)
-        error = decode_error(msg["error"])
-        logger.error(
-            "run %s parked: %s. Deploy fixed code, then `coda resume %s` or "
-            "restart `coda run`",
-            run.run_id,
-            error.message,
-            run.run_id,
+        then = (
+            f". Deploy fixed code, then `coda resume {run.run_id}` or restart "
+            "`coda run`"
         )
-        self.stats.parked += 1
-        self._record(run, decide.park(run.state, error, self.clock()))
+        self._park(run, decode_error(msg["error"]), then)
