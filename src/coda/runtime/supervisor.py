@@ -556,6 +556,8 @@ class Supervisor:
         started = (s.status is StepStatus.STARTED for s in state.steps.values())
         if every_try or any(started):
             self.dispatcher.cancel_tries(run.run_id)
+        if state.status is RunStatus.COMPLETED:
+            _warn_unawaited(state)
         counter = state.status.value
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         self._notify(run)
@@ -619,3 +621,28 @@ class Supervisor:
 
     def live_runs(self) -> Iterable[LiveRun]:
         return self.runs.values()
+
+
+def _warn_unawaited(state: RunState) -> None:
+    """Say so when a run completed with tasks its code spawned and never awaited.
+
+    They were scheduled, durably, and end unrun (or cancelled if running)
+    with the run: nothing else would tell the workflow's author why.
+    """
+    open_steps = [
+        step
+        for step in state.steps.values()
+        if step.attempt == state.attempt and not step.status.finished
+    ]
+    if open_steps:
+        named = ", ".join(f"step {s.step} ({s.task})" for s in open_steps[:5])
+        logger.warning(
+            "run %s completed with %d task(s) its workflow spawned and did not "
+            "await: %s%s; they are not run (or are cancelled) now that the run "
+            "has ended. Await every task a workflow spawns (asyncio.gather for "
+            "several)",
+            state.run_id,
+            len(open_steps),
+            named,
+            " ..." if len(open_steps) > 5 else "",
+        )

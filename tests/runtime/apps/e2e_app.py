@@ -259,3 +259,10 @@ async def waits_for_nothing(after_a_task: bool = False) -> str:
         await coda.context.spawn_task(double, args={"x": 1})
     await asyncio.get_running_loop().create_future()
     return "never"
+
+
+@coda.workflow()
+async def forgets_a_task() -> str:
+    """Spawns a task and returns without awaiting it."""
+    coda.context.spawn_task(double, args={"x": 1})
+    return "done"
