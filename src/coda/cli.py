@@ -616,14 +616,9 @@ def replay(
             escape(_visible(f"the history has {recorded.type}: {recorded.message}"))
         )
         _fail("the recorded error is not reproduced", 1)
-    out.print(escape(f"the code now returns {_short_json(outcome.result)}"))
-    out.print(escape(f"the history has {_short_json(outcome.recorded_result)}"))
+    out.print(f"the code now returns {_short(outcome.result, 300)}")
+    out.print(f"the history has {_short(outcome.recorded_result, 300)}")
     _fail("the recorded result is not reproduced", 1)
-
-
-def _short_json(value: Any, limit: int = 300) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 @app.command()

@@ -30,7 +30,7 @@ nothing else.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -221,6 +221,19 @@ class RunState:
 
     def current_steps(self) -> list[StepState]:
         return [s for (a, _), s in sorted(self.steps.items()) if a == self.attempt]
+
+    def open_steps(self) -> Iterator[StepState]:
+        """The current attempt's steps that have not ended, newest first.
+
+        Newest first: an open step is nearly always among the last, so a
+        caller that stops at the first looks at few of a long run's steps
+        (from the oldest, a run of 10,000 asked after each would be quadratic).
+        """
+        return (
+            step
+            for step in reversed(self.steps.values())
+            if step.attempt == self.attempt and not step.status.finished
+        )
 
 
 def cache_token(cache_key: list[Any]) -> str:

@@ -169,16 +169,13 @@ def _utf8(text: str) -> bool:
 
 
 def _check_str(text: str, where: str, at: _Where, is_key: bool = False) -> None:
-    if text.isascii():
+    if text.isascii() or _utf8(text):
         return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        what = "key" if is_key else "str"
-        raise ValueNotJSON(
-            f"{_path(where, at)}: {what} {text!r} holds a lone surrogate and is not "
-            "valid Unicode text (decode the bytes it came from properly)"
-        ) from None
+    what = "key" if is_key else "str"
+    raise ValueNotJSON(
+        f"{_path(where, at)}: {what} {text!r} holds a lone surrogate and is not "
+        "valid Unicode text (decode the bytes it came from properly)"
+    )
 
 
 def _path(where: str, at: _Where) -> str:

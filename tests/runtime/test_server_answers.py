@@ -60,6 +60,16 @@ async def _serving(
         await journal.close()
 
 
+async def _welcomed(
+    socket: Path,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection past its hello, for requests written by hand."""
+    reader, writer = await asyncio.open_unix_connection(socket)
+    writer.write(message(HELLO))
+    assert (await _read_message(reader))["op"] == "welcome"
+    return reader, writer
+
+
 def test_submit_and_wait_answered_by_callbacks(tmp_path: Path) -> None:
     asyncio.run(_scenario(tmp_path))
 
@@ -186,9 +196,7 @@ async def _unread_replies(tmp_path: Path) -> None:
         # supervisor's 16 MiB limit of replies waiting for one client.
         big = "x" * 3_000_000
         assert len(await client.run("echo", {"value": big}, run_id="big")) == len(big)
-        reader, writer = await asyncio.open_unix_connection(tmp_path / "s.sock")
-        writer.write(message(HELLO))
-        assert (await _read_message(reader))["op"] == "welcome"
+        reader, writer = await _welcomed(tmp_path / "s.sock")
         # Requests of 500 KB each, no reply read: once past the limit the
         # supervisor stops reading, the kernel's buffers (a few hundred KB)
         # fill, and sending stalls long before all 20 are out.
@@ -251,9 +259,7 @@ async def _unread_waits(tmp_path: Path) -> None:
             return await read_run(run_id, **options)
 
         journal.run = counted  # type: ignore[method-assign]
-        reader, writer = await asyncio.open_unix_connection(tmp_path / "s.sock")
-        writer.write(message(HELLO))
-        assert (await _read_message(reader))["op"] == "welcome"
+        reader, writer = await _welcomed(tmp_path / "s.sock")
         # Small waits for a run that has left memory, all in one write and
         # none of their replies read: each reply (3 MB) is read from the
         # journal, and only as many as fit the client's backlog (16 MiB).
@@ -295,9 +301,7 @@ async def _waits_on_a_live_run(tmp_path: Path, replied: list[str]) -> None:
         run_id = await client.submit(
             "gated_echo", {"value": "y" * 1_000_000, "gate": str(gate)}
         )
-        reader, writer = await asyncio.open_unix_connection(tmp_path / "s.sock")
-        writer.write(message(HELLO))
-        assert (await _read_message(reader))["op"] == "welcome"
+        reader, writer = await _welcomed(tmp_path / "s.sock")
         writer.write(
             b"".join(
                 message({"op": "wait", "id": n, "run_id": run_id}) for n in range(200)

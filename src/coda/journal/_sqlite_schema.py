@@ -169,13 +169,13 @@ SUMMARY = (
     "SELECT run_id, workflow, status, attempt, submitted_at, updated_at, events,"
     " result, error FROM runs"
 )
-# The summary with a result of more than ?1 characters left unread (the last
-# column says so): `length` counts them inside SQLite, without Python holding
-# the text.
+# `SUMMARY` with a result of more than ?1 characters left unread (a last column
+# says so, see `summaries`): `length` counts them inside SQLite, without Python
+# holding the text.
 SUMMARY_BOUNDED = (
     "SELECT run_id, workflow, status, attempt, submitted_at, updated_at, events,"
     " CASE WHEN length(result) > ?1 THEN NULL ELSE result END, error,"
-    " coalesce(length(result) > ?1, 0) FROM runs WHERE run_id = ?2"
+    " coalesce(length(result) > ?1, 0) FROM runs"
 )
 HISTORY = (
     "SELECT body FROM events WHERE rk = (SELECT rk FROM runs WHERE run_id = ?)"
@@ -257,12 +257,8 @@ def runs_query(
     params: list[Any] = []
     columns = SUMMARY
     if result_limit is not None:
-        columns = (
-            "SELECT run_id, workflow, status, attempt, submitted_at, updated_at,"
-            " events, CASE WHEN length(result) > ?1 THEN NULL ELSE result END,"
-            " error, coalesce(length(result) > ?1, 0) FROM runs"
-        )
-        params.append(result_limit)
+        columns = SUMMARY_BOUNDED
+        params.append(result_limit)  # ?1; the `?` after it are ?2, ?3...
     if status is not None:
         where.append("status = ?")
         params.append(status)

@@ -175,7 +175,6 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-import attrs
 import orjson
 
 from coda.errors import JournalError
@@ -189,7 +188,7 @@ from coda.journal._sqlite_writer import (
     UnknownRuns,
     Writer,
 )
-from coda.journal.base import RESULT_LEFT_OUT, RunSummary
+from coda.journal.base import RunSummary
 from coda.journal.codec import decode
 from coda.journal.events import Event
 from coda.state import cache_token
@@ -561,16 +560,14 @@ class SQLiteJournal:
     async def run(
         self, run_id: str, *, result_limit: int | None = None
     ) -> RunSummary | None:
-        if result_limit is None:
-            rows = await self._read(schema.SUMMARY + " WHERE run_id = ?", (run_id,))
-            return next((schema.summary(row) for row in rows), None)
-        rows = await self._read(schema.SUMMARY_BOUNDED, (result_limit, run_id))
-        for *row, left_out in rows:
-            summary = schema.summary(row)
-            if left_out:
-                summary = attrs.evolve(summary, result=RESULT_LEFT_OUT)
-            return summary
-        return None
+        bounded = result_limit is not None
+        if bounded:
+            sql = schema.SUMMARY_BOUNDED + " WHERE run_id = ?2"
+            params: tuple[Any, ...] = (result_limit, run_id)
+        else:
+            sql, params = schema.SUMMARY + " WHERE run_id = ?", (run_id,)
+        rows = await self._read(sql, params)
+        return next(iter(schema.summaries(rows, bounded)), None)
 
     async def runs(
         self,

@@ -53,15 +53,8 @@ logger = logging.getLogger(__name__)
 def _stuck(state: RunState) -> bool:
     """Whether a running run's current attempt has no step that may yet end:
     its code, waiting still, waits on something else."""
-    if state.status is not RunStatus.RUNNING:
-        return False
-    # Newest first: a step still open is nearly always among the last, and a
-    # run of 10,000 steps answers many activations with nothing new (a
-    # gather waiting for the rest): from the oldest this would be quadratic.
-    return not any(
-        step.attempt == state.attempt and not step.status.finished
-        for step in reversed(state.steps.values())
-    )
+    running = state.status is RunStatus.RUNNING
+    return running and next(state.open_steps(), None) is None
 
 
 def _bookkeeping(event: Event) -> bool:

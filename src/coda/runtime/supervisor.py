@@ -629,11 +629,7 @@ def _warn_unawaited(state: RunState) -> None:
     They were scheduled, durably, and end unrun (or cancelled if running)
     with the run: nothing else would tell the workflow's author why.
     """
-    open_steps = [
-        step
-        for step in state.steps.values()
-        if step.attempt == state.attempt and not step.status.finished
-    ]
+    open_steps = sorted(state.open_steps(), key=lambda step: step.step)
     if open_steps:
         named = ", ".join(f"step {s.step} ({s.task})" for s in open_steps[:5])
         logger.warning(
