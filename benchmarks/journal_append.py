@@ -111,9 +111,9 @@ async def _raw(path: Path, total: int, batch: int) -> Metrics:
         submitted = [e for e in events if e.seq == 0]
         db.execute("BEGIN")
         db.executemany(
-            "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at,"
-            " updated_at, events) VALUES (?, 'one_task', 'running', 1, ?, ?, 0)",
-            [(e.run_id, e.at, e.at) for e in submitted],
+            "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at)"
+            " VALUES (?, 'one_task', 'running', 1, ?)",
+            [(e.run_id, e.at) for e in submitted],
         )
         db.execute("COMMIT")
         keys = dict(db.execute("SELECT run_id, rk FROM runs"))

@@ -51,7 +51,7 @@ def _check_histories(db: sqlite3.Connection) -> Iterator[str]:
     runs = {
         row[0]: row
         for row in db.execute(
-            "SELECT rk, run_id, workflow, status, attempt, events, result FROM runs"
+            "SELECT rk, run_id, workflow, status, attempt, result FROM runs"
         )
     }
     cache: dict[int, dict[str, Any]] = {}
@@ -86,19 +86,13 @@ def _check_histories(db: sqlite3.Connection) -> Iterator[str]:
 def _compare(row: Any, state: RunState | None, cached: dict[str, Any]) -> Iterator[str]:
     if row is None or state is None:
         return
-    _, run_id, workflow, status, attempt, events, result = row
+    _, run_id, workflow, status, attempt, result = row
     expected = {
         "workflow": state.workflow,
         "status": state.status.value,
         "attempt": state.attempt,
-        "events": state.next_seq,
     }
-    actual = {
-        "workflow": workflow,
-        "status": status,
-        "attempt": attempt,
-        "events": events,
-    }
+    actual = {"workflow": workflow, "status": status, "attempt": attempt}
     for field, want in expected.items():
         if actual[field] != want:
             yield (

@@ -68,6 +68,39 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             SELECT r.run_id, e.seq, e.at, e.type, CAST(e.body AS TEXT) AS body, e.id
             FROM events e JOIN runs r ON r.rk = e.rk""",
     ),
+    # 1 -> 2: `runs` loses `updated_at` and `events` (the time and number of
+    # the run's events), which every append of a task's events had to rewrite;
+    # they are read from `events` by its index instead (see `SUMMARY`). The
+    # table is rebuilt rather than altered: SQLite before 3.35 cannot drop a
+    # column. The view names `runs`, so it goes first and comes back last.
+    (
+        "DROP VIEW history",
+        """CREATE TABLE runs_2 (
+            rk INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL UNIQUE,
+            workflow TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            submitted_at REAL NOT NULL,
+            result TEXT,
+            error TEXT)""",
+        """INSERT INTO runs_2 (rk, run_id, workflow, status, attempt, submitted_at,
+            result, error)
+            SELECT rk, run_id, workflow, status, attempt, submitted_at, result, error
+            FROM runs ORDER BY rk""",
+        # A key is never given twice, even that of a run no longer in the table.
+        """UPDATE sqlite_sequence SET seq = max(seq, coalesce(
+            (SELECT seq FROM sqlite_sequence WHERE name = 'runs'), 0))
+            WHERE name = 'runs_2'""",
+        "DROP TABLE runs",
+        "ALTER TABLE runs_2 RENAME TO runs",
+        "CREATE INDEX runs_by_submitted ON runs (submitted_at)",
+        "CREATE INDEX runs_by_status ON runs (status, submitted_at)",
+        "CREATE INDEX runs_by_workflow ON runs (workflow, submitted_at)",
+        """CREATE VIEW history AS
+            SELECT r.run_id, e.seq, e.at, e.type, CAST(e.body AS TEXT) AS body, e.id
+            FROM events e JOIN runs r ON r.rk = e.rk""",
+    ),
 )
 """`MIGRATIONS[v]` holds the statements that take a journal from version v to v+1."""
 
@@ -101,9 +134,9 @@ WAL_AUTOCHECKPOINT = 10_000
 # The writer writes many rows per statement (see
 # `_sqlite_writer.ManyRows`): each is `(head, one row's values, tail)`.
 INSERT_RUNS = (
-    "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at, updated_at,"
-    " events, result, error) VALUES ",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    "INSERT INTO runs (run_id, workflow, status, attempt, submitted_at, result,"
+    " error) VALUES ",
+    "(?, ?, ?, ?, ?, ?, ?)",
     "",
 )
 # The writer knows the key `rk` of each run it writes to (see `KEYS_AFTER` and
@@ -114,37 +147,24 @@ INSERT_EVENTS = (
     "(?, ?, ?, ?, CAST(? AS BLOB))",
     "",
 )
+# Only events that change a run's status, attempt, result or error touch its
+# `runs` row; those of tasks, most events, leave it alone.
 UPDATE_RUN = (
     "UPDATE runs SET status = coalesce(?1, status), attempt = coalesce(?2, attempt),"
-    " updated_at = ?3, events = events + ?4,"
-    " result = CASE WHEN ?5 THEN ?6 ELSE result END,"
-    " error = CASE WHEN ?7 THEN ?8 ELSE error END"
-    " WHERE rk = ?9 AND events = ?10"
+    " result = CASE WHEN ?3 THEN ?4 ELSE result END,"
+    " error = CASE WHEN ?5 THEN ?6 ELSE error END"
+    " WHERE rk = ?7"
 )
-# Most events (those of tasks) change only the count and time of their run;
-# leaving the other columns out spares SQLite rewriting the status index entry.
-# `events = ?` in both: an append must continue its run's history exactly where
-# it stands, so that no failure elsewhere can ever leave a gap in it.
-TOUCH_RUN = (
-    "UPDATE runs SET updated_at = ?, events = events + ? WHERE rk = ? AND events = ?"
-)
-# The same two, for many runs per statement (`UPDATE ... FROM`, SQLite 3.33 and
+# The same, for many runs per statement (`UPDATE ... FROM`, SQLite 3.33 and
 # later; a batch names each run once, so each row of `v` meets one run).
 UPDATE_RUNS = (
     "UPDATE runs SET status = coalesce(v.column1, runs.status),"
-    " attempt = coalesce(v.column2, runs.attempt), updated_at = v.column3,"
-    " events = runs.events + v.column4,"
-    " result = CASE WHEN v.column5 THEN v.column6 ELSE runs.result END,"
-    " error = CASE WHEN v.column7 THEN v.column8 ELSE runs.error END"
+    " attempt = coalesce(v.column2, runs.attempt),"
+    " result = CASE WHEN v.column3 THEN v.column4 ELSE runs.result END,"
+    " error = CASE WHEN v.column5 THEN v.column6 ELSE runs.error END"
     " FROM (VALUES ",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    ") AS v WHERE runs.rk = v.column9 AND runs.events = v.column10",
-)
-TOUCH_RUNS = (
-    "UPDATE runs SET updated_at = v.column1, events = runs.events + v.column2"
-    " FROM (VALUES ",
-    "(?, ?, ?, ?)",
-    ") AS v WHERE runs.rk = v.column3 AND runs.events = v.column4",
+    "(?, ?, ?, ?, ?, ?, ?)",
+    ") AS v WHERE runs.rk = v.column7",
 )
 UPDATE_FROM = (3, 33, 0)
 # Rows of one statement are written in order: of two completions with the
@@ -159,21 +179,36 @@ UPSERT_CACHE = (
 # the runs inserted since `LAST_KEY` are exactly those with a larger key.
 LAST_KEY = "SELECT coalesce(max(rk), 0) FROM runs"
 KEYS_AFTER = "SELECT run_id, rk FROM runs WHERE rk > ?"
-KEYS_OF = "SELECT run_id, rk FROM runs WHERE run_id IN (SELECT value FROM json_each(?))"
+# With each run's key, how many events its history holds: where the next
+# append must start (histories run from #0 without gaps).
+KEYS_OF = (
+    "SELECT run_id, rk, (SELECT coalesce(max(e.seq) + 1, 0) FROM events e"
+    " WHERE e.rk = runs.rk) FROM runs WHERE run_id IN (SELECT value FROM json_each(?))"
+)
 TAKEN = (
     "SELECT e.seq FROM events e JOIN runs r ON r.rk = e.rk"
     " WHERE r.run_id = ? AND e.seq IN (SELECT value FROM json_each(?)) ORDER BY e.seq"
 )
 
+# A run's last change and its number of events, from its last event: two
+# seeks in the index of `events` (histories run from #0 without gaps).
+_LAST_EVENT = (
+    "coalesce((SELECT e.at FROM events e WHERE e.rk = runs.rk"
+    " ORDER BY e.seq DESC LIMIT 1), submitted_at),"
+    " (SELECT coalesce(max(e.seq) + 1, 0) FROM events e WHERE e.rk = runs.rk)"
+)
+END_OF = (
+    "SELECT max(e.seq) + 1 FROM events e JOIN runs r ON r.rk = e.rk WHERE r.run_id = ?"
+)
 SUMMARY = (
-    "SELECT run_id, workflow, status, attempt, submitted_at, updated_at, events,"
+    f"SELECT run_id, workflow, status, attempt, submitted_at, {_LAST_EVENT},"
     " result, error FROM runs"
 )
 # `SUMMARY` with a result of more than ?1 characters left unread (a last column
 # says so, see `summaries`): `length` counts them inside SQLite, without Python
 # holding the text.
 SUMMARY_BOUNDED = (
-    "SELECT run_id, workflow, status, attempt, submitted_at, updated_at, events,"
+    f"SELECT run_id, workflow, status, attempt, submitted_at, {_LAST_EVENT},"
     " CASE WHEN length(result) > ?1 THEN NULL ELSE result END, error,"
     " coalesce(length(result) > ?1, 0) FROM runs"
 )
@@ -198,10 +233,9 @@ UNFINISHED_HISTORIES = (
     f" WHERE r.status IN ({', '.join('?' * len(UNFINISHED))})"
 )
 SEQ_PROBLEMS = (
-    "SELECT r.run_id, r.events, count(e.seq), min(e.seq), max(e.seq)"
+    "SELECT r.run_id, count(e.seq), min(e.seq), max(e.seq)"
     " FROM runs r LEFT JOIN events e ON e.rk = r.rk GROUP BY r.rk"
     " HAVING count(e.seq) = 0 OR min(e.seq) != 0 OR max(e.seq) != count(e.seq) - 1"
-    " OR r.events != count(e.seq)"
 )
 USER_VERSION = "PRAGMA user_version"
 TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"

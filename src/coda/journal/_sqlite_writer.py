@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from coda.errors import JournalError
+from coda.errors import InternalError, JournalError
 from coda.journal import _sqlite_schema as schema
 from coda.journal.codec import encode
 from coda.journal.events import (
@@ -68,7 +68,11 @@ _T = TypeVar("_T")
 
 
 class RunDelta:
-    """What one append, or a batch of them, changes in one run's `runs` row."""
+    """What one append, or a batch of them, changes in one run's `runs` row.
+
+    `first_seq` and `count` place the delta's events in the run's history;
+    the writer checks them against the history's end (`Writer.ends`).
+    """
 
     __slots__ = (
         "attempt",
@@ -81,7 +85,6 @@ class RunDelta:
         "run_id",
         "status",
         "submit",
-        "updated_at",
     )
 
     def __init__(self, run_id: str, first_seq: int) -> None:
@@ -89,7 +92,6 @@ class RunDelta:
         self.submit: tuple[str, float] | None = None  # (workflow, submitted_at)
         self.status: str | None = None  # None: unchanged
         self.attempt: int | None = None
-        self.updated_at = 0.0
         self.first_seq = first_seq  # position of the first event this delta appends
         self.count = 0
         self.result_set = False
@@ -111,7 +113,6 @@ class RunDelta:
             self.status = later.status
         if later.attempt is not None:
             self.attempt = later.attempt
-        self.updated_at = later.updated_at
         self.count += later.count
         if later.result_set:
             self.result_set, self.result = True, later.result
@@ -128,32 +129,28 @@ class RunDelta:
             self.status or RunStatus.PENDING.value,
             self.attempt or 0,
             submitted_at,
-            self.updated_at,
-            self.count,
             self.result,
             self.error,
         )
 
-    def touches_only(self) -> bool:
-        """Whether the delta changes only the count and time of the run."""
-        unchanged = self.status is None and self.attempt is None
-        return unchanged and not (self.result_set or self.error_set)
+    def changes_row(self) -> bool:
+        """Whether the delta changes the run's `runs` row at all.
 
-    def touch_row(self, rk: int) -> tuple[Any, ...]:
-        return (self.updated_at, self.count, rk, self.first_seq)
+        Most deltas (those of task events alone) do not: the row holds no
+        count or time of the last event, which are read from `events`.
+        """
+        changed = self.status is not None or self.attempt is not None
+        return changed or self.result_set or self.error_set
 
     def update_row(self, rk: int) -> tuple[Any, ...]:
         return (
             self.status,
             self.attempt,
-            self.updated_at,
-            self.count,
             self.result_set,
             self.result,
             self.error_set,
             self.error,
             rk,
-            self.first_seq,
         )
 
 
@@ -201,10 +198,8 @@ class Append:
                 ) from exc
             if seq != delta.first_seq + delta.count:
                 raise _out_of_place(event, delta.first_seq + delta.count)
-            at = event.at
-            rows.append((run_id, seq, at, cls.__name__, body))
+            rows.append((run_id, seq, event.at, cls.__name__, body))
             delta.count += 1
-            delta.updated_at = at
             status = _STATUS_OF.get(cls, _UNKNOWN)
             if status is _UNKNOWN:
                 status = _status_after(event)
@@ -279,7 +274,8 @@ class Batch:
                     into = merged[run_id] = into.copy()
                     copied.add(run_id)
                 into.merge(delta)
-        self.inserts = [d.insert_row() for d in merged.values() if d.submit is not None]
+        # Runs the batch submits (their rows are inserted), and the others.
+        self.inserts = [d for d in merged.values() if d.submit is not None]
         self.deltas = [d for d in merged.values() if d.submit is None]
         self.finished = [r for r, d in merged.items() if d.status in FINISHED]
 
@@ -336,14 +332,17 @@ class Writer:
     """The writer's connection, and the thread that does its work.
 
     See "The writer's thread" in `coda.journal.sqlite`. The connection and
-    `keys` are used by one thread at a time: the writer's thread, or the event
-    loop's for a small batch written while that thread is idle (`idle`), never
-    both. Only `write` reads or changes `keys`.
+    `keys` and `ends` are used by one thread at a time: the writer's thread,
+    or the event loop's for a small batch written while that thread is idle
+    (`idle`), never both. Only `write` reads or changes them.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # The runs this writer knows: their keys, and how many events each
+        # history holds (the position the next append must start at).
         self.keys: dict[str, int] = {}
+        self.ends: dict[str, int] = {}
         self._db: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="coda-journal-writer")
         # The last job handed to the thread: it runs them in order, so once
@@ -356,11 +355,9 @@ class Writer:
         self._insert_runs = ManyRows(schema.INSERT_RUNS, max_variables)
         self._insert_events = ManyRows(schema.INSERT_EVENTS, max_variables)
         self._upsert_cache = ManyRows(schema.UPSERT_CACHE, max_variables)
-        self._touch_runs: ManyRows | _OneByOne = _OneByOne(schema.TOUCH_RUN)
-        self._update_runs: ManyRows | _OneByOne = _OneByOne(schema.UPDATE_RUN)
+        self._updates: ManyRows | _OneByOne = _OneByOne(schema.UPDATE_RUN)
         if sqlite3.sqlite_version_info >= schema.UPDATE_FROM:
-            self._touch_runs = ManyRows(schema.TOUCH_RUNS, max_variables)
-            self._update_runs = ManyRows(schema.UPDATE_RUNS, max_variables)
+            self._updates = ManyRows(schema.UPDATE_RUNS, max_variables)
 
     @property
     def idle(self) -> bool:
@@ -430,7 +427,7 @@ class Writer:
 
         On the writer's thread, or on the event loop's while that is `idle`.
         """
-        db, keys = self._db, self.keys
+        db, keys, ends = self._db, self.keys, self.ends
         if db is None:
             raise JournalError(f"journal {self.path} is closed for writing")
         added: dict[str, int] = {}
@@ -439,10 +436,13 @@ class Writer:
             # New runs first: everything else is written by the runs' keys.
             if batch.inserts:
                 (last,) = db.execute(schema.LAST_KEY).fetchone()
-                self._insert_runs.run(db, batch.inserts)
+                self._insert_runs.run(db, [d.insert_row() for d in batch.inserts])
                 added = dict(db.execute(schema.KEYS_AFTER, (last,)))
                 keys.update(added)  # taken back below if the transaction fails
+                if any(d.first_seq != 0 for d in batch.inserts):
+                    raise NotContiguous(1)  # a history starts at #0
             self._look_up([d.run_id for d in batch.deltas if d.run_id not in keys])
+            self._check_ends(batch.deltas)
 
             self._insert_events.run(
                 db,
@@ -451,7 +451,7 @@ class Writer:
                     for r, seq, at, kind, body in batch.events
                 ],
             )
-            self._write_runs(db, batch.deltas)
+            self._update_runs(db, batch.deltas)
             if batch.cache_rows:
                 self._upsert_cache.run(
                     db,
@@ -470,6 +470,10 @@ class Writer:
             self._rollback(db)
             raise
 
+        for delta in batch.inserts:
+            ends[delta.run_id] = delta.count
+        for delta in batch.deltas:
+            ends[delta.run_id] = delta.first_seq + delta.count
         checkpointer = self.checkpointer
         if checkpointer is not None:
             checkpointer.committed()
@@ -481,10 +485,10 @@ class Writer:
                     self.submit(lambda _: self._checkpoint(mode))
 
         for run_id in batch.finished:
-            keys.pop(run_id, None)
+            self._forget(run_id)
         if len(keys) > KEYS_MAX:
             for run_id in list(islice(keys, len(keys) // 2)):
-                del keys[run_id]
+                self._forget(run_id)
 
     def _checkpoint(self, mode: str) -> None:
         """Finish the checkpointer's work between two transactions, on the thread.
@@ -526,30 +530,52 @@ class Writer:
         )
 
     def _look_up(self, run_ids: list[str]) -> None:
-        """Learn the keys of runs submitted before; `UnknownRuns` if any is not."""
+        """Learn the keys and history ends of runs submitted before.
+
+        `UnknownRuns` if any was never submitted.
+        """
         if not run_ids:
             return
         assert self._db is not None
-        found = dict(
-            self._db.execute(schema.KEYS_OF, (orjson.dumps(run_ids).decode(),))
-        )
-        if len(found) < len(run_ids):
-            raise UnknownRuns([r for r in run_ids if r not in found])
-        self.keys.update(found)  # valid whatever becomes of the transaction
+        found = self._db.execute(schema.KEYS_OF, (orjson.dumps(run_ids).decode(),))
+        # Valid whatever becomes of the transaction: nothing of it is written yet.
+        for run_id, rk, end in found:
+            self.keys[run_id] = rk
+            self.ends[run_id] = end
+        missing = [r for r in run_ids if r not in self.keys]
+        if missing:
+            raise UnknownRuns(missing)
 
-    def _write_runs(self, db: sqlite3.Connection, deltas: list[RunDelta]) -> None:
-        """The `runs` rows of runs appended to, each only if its count is right."""
+    def _check_ends(self, deltas: list[RunDelta]) -> None:
+        """`NotContiguous` unless each delta starts where its run's history ends.
+
+        The ends known here are the journal's unless another writer appended
+        to a run meanwhile (a test may open two journals on one file): a run
+        that fails is looked up again before its delta is refused.
+        """
+        ends = self.ends
+        stale = [d for d in deltas if ends[d.run_id] != d.first_seq]
+        if not stale:
+            return
+        self._look_up([d.run_id for d in stale])
+        misplaced = sum(1 for d in stale if ends[d.run_id] != d.first_seq)
+        if misplaced:
+            raise NotContiguous(misplaced)
+
+    def _forget(self, run_id: str) -> None:
+        self.keys.pop(run_id, None)
+        self.ends.pop(run_id, None)
+
+    def _update_runs(self, db: sqlite3.Connection, deltas: list[RunDelta]) -> None:
+        """The `runs` rows of runs whose status, attempt, result or error changed."""
         keys = self.keys
-        touches = [d.touch_row(keys[d.run_id]) for d in deltas if d.touches_only()]
-        updates = [d.update_row(keys[d.run_id]) for d in deltas if not d.touches_only()]
-        for statement, rows in (
-            (self._touch_runs, touches),
-            (self._update_runs, updates),
-        ):
-            if rows:
-                changed = statement.run(db, rows)
-                if changed != len(rows):
-                    raise NotContiguous(len(rows) - changed)
+        rows = [d.update_row(keys[d.run_id]) for d in deltas if d.changes_row()]
+        if rows and self._updates.run(db, rows) != len(rows):
+            # Every key came from `runs`, whose rows are never deleted.
+            raise InternalError(
+                f"journal {self.path}: a run's row vanished from the runs table "
+                "while its events were appended; run `coda doctor`"
+            )
 
     def _rollback(self, db: sqlite3.Connection) -> None:
         # SQLite rolls back by itself after some errors (a full disk, mostly).
