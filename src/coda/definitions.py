@@ -15,7 +15,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 import attrs
 
-from coda.errors import UnknownNameError
+from coda.errors import AppImportError, UnknownNameError
 from coda.journal.events import RetryPolicy, check_number, qualified_name
 
 __all__ = [
@@ -289,6 +289,8 @@ def load_app(module: str) -> Registry:
                 f"cannot import app module {module!r}: {exc}. Run from the "
                 "directory that contains it or put it on PYTHONPATH."
             ) from exc
-        raise
+        raise AppImportError(module, exc) from exc
+    except Exception as exc:
+        raise AppImportError(module, exc) from exc
     registry = getattr(imported, "registry", None)
     return registry if isinstance(registry, Registry) else default_registry

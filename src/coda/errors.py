@@ -7,9 +7,11 @@ message names the run, task or value concerned and says what to do about it.
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 __all__ = [
+    "AppImportError",
     "CodaError",
     "InternalError",
     "Interrupted",
@@ -57,6 +59,36 @@ class JournalVersionError(JournalError):
 
 class UnknownNameError(CodaError, LookupError):
     """A workflow or task name that the application does not register."""
+
+
+class AppImportError(CodaError, ImportError):
+    """The app module raised while being imported: a bug in the app, not in Coda.
+
+    The message holds the app's own part of the traceback (the frames of
+    Python's import machinery and of Coda left out) and the exception.
+    """
+
+    def __init__(self, module: str, exc: BaseException) -> None:
+        frames = traceback.extract_tb(exc.__traceback__)
+        # Everything down to the first frame of the app's own files is Coda
+        # calling `importlib`, which the user needs to see no more than once.
+        while frames and _is_import_machinery(frames[0].filename):
+            frames.pop(0)
+        shown = "".join(traceback.format_list(frames))
+        raised = "".join(traceback.format_exception_only(exc)).rstrip("\n")
+        trace = f"Traceback (most recent call last):\n{shown}" if shown else ""
+        super().__init__(
+            f"app module {module!r} raised an exception while being imported; "
+            f"fix the app, then start again:\n{trace}{raised}"
+        )
+        self.module = module
+
+
+def _is_import_machinery(filename: str) -> bool:
+    if filename.startswith("<frozen importlib"):
+        return True
+    path = filename.replace("\\", "/")
+    return path.endswith(("/importlib/__init__.py", "/coda/definitions.py"))
 
 
 class RunIdConflict(CodaError, ValueError):

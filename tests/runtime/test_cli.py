@@ -272,3 +272,32 @@ def test_bad_options_are_usage_errors_not_tracebacks(workdir: Path) -> None:
         assert "Traceback" not in done.stderr, args
     # Nothing was created by the refused `coda run`s.
     assert not (workdir / "coda.db").exists()
+
+
+def test_an_app_that_raises_on_import_shows_its_own_traceback(workdir: Path) -> None:
+    """`coda run` on an app with a bug in its import: the app's frames and its
+    exception, without the frames of Coda and importlib around them."""
+    (workdir / "raising_app.py").write_text(
+        "import coda\nimport raising_helper\n", encoding="utf-8"
+    )
+    (workdir / "raising_helper.py").write_text(
+        "def load():\n    raise KeyError('SENTRY_DSN')\n\nload()\n", encoding="utf-8"
+    )
+    done = subprocess.run(
+        [PYTHON, "-m", "coda", "run", "raising_app"],
+        cwd=workdir,
+        env=base_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert "app module 'raising_app' raised an exception" in lines[0]
+    assert lines[1] == "Traceback (most recent call last):"
+    assert 'raising_app.py", line 2, in <module>' in lines[2]
+    assert 'raising_helper.py", line 2, in load' in done.stderr
+    assert lines[-1] == "KeyError: 'SENTRY_DSN'"
+    assert "importlib" not in done.stderr
+    assert "coda/runtime" not in done.stderr and "coda/cli.py" not in done.stderr

@@ -43,6 +43,10 @@ def test_workers_failing_to_import_the_app_are_started_again_ever_later(
     assert 2 <= spawned <= 6, (spawned, elapsed)
     assert "exited with code 1 before its handshake" in log
     assert "Check that the app imports cleanly" in log
+    # Each failed worker says what the app raised, with the app's frames only.
+    assert log.count("app module 'worker_import_fails' raised an exception") == spawned
+    assert "RuntimeError: this app cannot be imported in a worker" in log
+    assert "importlib" not in log
     # Said once a step, each step longer than the one before.
     pauses = [float(p) for p in re.findall(r"next one in ([\d.]+)s", log)]
     assert pauses and pauses == sorted(set(pauses)), pauses

@@ -36,7 +36,13 @@ from collections.abc import Callable
 from typing import Any
 
 from coda.definitions import Registry, load_app
-from coda.errors import CodaError, NondeterminismError, ProtocolError, UnknownNameError
+from coda.errors import (
+    AppImportError,
+    CodaError,
+    NondeterminismError,
+    ProtocolError,
+    UnknownNameError,
+)
 from coda.journal import codec
 from coda.journal.events import ErrorInfo
 from coda.protocol import Connection, HandshakeRefused, client_handshake
@@ -562,7 +568,13 @@ def main(argv: list[str] | None = None) -> None:
     faulthandler.enable()
     sys.path.insert(0, os.getcwd())
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(args.fd, args.app, args.name, args.threads))
+        try:
+            asyncio.run(_main(args.fd, args.app, args.name, args.threads))
+        except AppImportError as exc:
+            # The message is the app's traceback: no need for Coda's around it.
+            logging.getLogger(__name__).error("%s", exc)
+            sys.stderr.flush()
+            os._exit(1)
     # Skip interpreter teardown: stuck task threads would otherwise hold us here.
     sys.stdout.flush()
     sys.stderr.flush()
