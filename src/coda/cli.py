@@ -131,6 +131,11 @@ def _guard(call: Any) -> Any:
         _fail(f"no such file: {exc.filename}", EXIT_NOT_FOUND)
 
 
+def _announce(line: str) -> None:
+    """A lifecycle line of `coda run` (serving, stopping), on stderr."""
+    err.print(escape(_visible(line)), soft_wrap=True, highlight=False)
+
+
 def _when(stamp: float | None) -> str:
     if stamp is None:
         return ""
@@ -282,6 +287,7 @@ def run(
                 token=token,
                 synchronous=synchronous.value,
                 log_level=level,
+                announce=_announce,
                 task_timeout=task_timeout or None,
                 concurrency=concurrency,
                 heartbeat_interval=heartbeat_interval,

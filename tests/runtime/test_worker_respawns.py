@@ -47,6 +47,9 @@ def test_workers_failing_to_import_the_app_are_started_again_ever_later(
     assert log.count("app module 'worker_import_fails' raised an exception") == spawned
     assert "RuntimeError: this app cannot be imported in a worker" in log
     assert "importlib" not in log
+    # Serving is said to the person at the terminal, not as a warning.
+    assert "\ncoda: supervisor pid" in log or log.startswith("coda: supervisor pid")
+    assert "WARNING coda.runtime.main" not in log
     # Said once a step, each step longer than the one before.
     pauses = [float(p) for p in re.findall(r"next one in ([\d.]+)s", log)]
     assert pauses and pauses == sorted(set(pauses)), pauses

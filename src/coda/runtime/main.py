@@ -14,7 +14,7 @@ import os
 import signal
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from coda.definitions import load_app
@@ -45,8 +45,15 @@ async def serve(
     task_timeout: float | None = 300.0,
     heartbeat_interval: float = 1.0,
     heartbeat_timeout: float = 10.0,
+    announce: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then stop cleanly."""
+    """Serve until SIGINT or SIGTERM, then stop cleanly.
+
+    `announce` gets the lines that say the supervisor serves and stops, for
+    the person at the terminal (`coda run` prints them whatever the log
+    level); without it they are logged at info, as lifecycle is.
+    """
+    say = announce or logger.info
     with _journal_lock(journal_path):
         registry = load_app(app)
         journal = await SQLiteJournal.open(journal_path, synchronous=synchronous)
@@ -75,20 +82,16 @@ async def serve(
             await supervisor.start()
             await server.start()
             settle_heap()  # and the unfinished runs recovered
-            logger.warning(
-                "coda: supervisor pid %d serving %s on %s%s with %d workers "
-                "(%d unfinished runs recovered)",
-                os.getpid(),
-                journal_path,
-                path,
-                f" and tcp://{tcp[0]}:{server.tcp_port()}" if tcp else "",
-                supervisor.pool.size,
-                len(supervisor.runs),
+            tcp_part = f" and tcp://{tcp[0]}:{server.tcp_port()}" if tcp else ""
+            say(
+                f"coda: supervisor pid {os.getpid()} serving {journal_path} on "
+                f"{path}{tcp_part} with {supervisor.pool.size} workers "
+                f"({len(supervisor.runs)} unfinished runs recovered)"
             )
             if ready_file:
                 Path(ready_file).write_text(str(os.getpid()))
             await stop.wait()
-            logger.warning("coda: stopping")
+            say("coda: stopping")
         finally:
             # Each step even if one before it failed: an unclosed journal keeps
             # its threads, and the process would never exit.
