@@ -139,7 +139,13 @@ def _announce(line: str) -> None:
 def _when(stamp: float | None) -> str:
     if stamp is None:
         return ""
-    return dt.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    try:
+        when = dt.datetime.fromtimestamp(stamp)
+    except (OverflowError, OSError, ValueError):
+        # Past year 9999 (a retry policy's backoff may put a retry there) or
+        # not a time at all: the number is all there is to show.
+        return f"{stamp:g} (seconds since 1970)"
+    return when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 def _short(value: Any, width: int = 60) -> str:

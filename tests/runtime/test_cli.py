@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -301,3 +302,49 @@ def test_an_app_that_raises_on_import_shows_its_own_traceback(workdir: Path) -> 
     assert lines[-1] == "KeyError: 'SENTRY_DSN'"
     assert "importlib" not in done.stderr
     assert "coda/runtime" not in done.stderr and "coda/cli.py" not in done.stderr
+
+
+def test_history_shows_a_retry_time_past_year_9999(workdir: Path) -> None:
+    """A retry policy's backoff may put a retry past what a calendar date can
+    hold; `coda history` shows the number instead of failing."""
+    from coda.journal.events import (
+        AttemptStarted,
+        ErrorInfo,
+        RunSubmitted,
+        TaskFailed,
+        TaskScheduled,
+        TaskStarted,
+    )
+    from coda.journal.sqlite import SQLiteJournal
+
+    run = "far-retry"
+    step = {"run_id": run, "at": 100.0, "attempt": 1, "step": 0}
+    events = [
+        RunSubmitted(run_id=run, seq=0, at=100.0, workflow="w", args={}),
+        AttemptStarted(run_id=run, seq=1, at=100.0, attempt=1),
+        TaskScheduled(seq=2, task="t", args={}, **step),
+        TaskStarted(seq=3, try_number=1, **step),
+        TaskFailed(
+            seq=4,
+            try_number=1,
+            error=ErrorInfo(type="ValueError", message="no"),
+            retry_at=1e13,
+            **step,
+        ),
+    ]
+
+    async def write() -> None:
+        async with await SQLiteJournal.open(workdir / "coda.db") as journal:
+            await journal.append(events)
+
+    asyncio.run(write())
+    done = subprocess.run(
+        [PYTHON, "-m", "coda", "history", run],
+        cwd=workdir,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "retry_at=1e+13 (seconds since 1970)" in done.stdout
