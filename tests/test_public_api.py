@@ -49,6 +49,7 @@ PUBLIC = {
     ],
     "coda.replay": ["ReplayOutcome", "load_history", "replay"],
     "coda.errors": [
+        "AppImportError",
         "CodaError",
         "InternalError",
         "Interrupted",
