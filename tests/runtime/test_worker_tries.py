@@ -181,6 +181,38 @@ async def test_a_thread_for_each_concurrent_try_up_to_the_limit() -> None:
 
 
 @on_loop
+async def test_a_try_queued_while_a_thread_runs_is_taken_by_that_thread() -> None:
+    """A thread finishing a try takes the next one queued: no other thread is
+    woken (nor, here, started) for a try that a running one is about to take."""
+    worker, conn = _worker(threads=4)
+    worker._start_try(_try("where", step=0))
+    worker._start_try(_try("where", step=1))
+    # The loop is held, as it is while it reads a burst of messages: only the
+    # thread running the first try can take the second.
+    time.sleep(0.2)
+    sent = await _outcomes(conn, 2)
+    assert [m["step"] for m in sent] == [0, 1]
+    assert len(set(seen_threads)) == 1, seen_threads
+    worker.threads.shutdown()
+
+
+@on_loop
+async def test_a_try_queued_behind_a_long_one_soon_gets_a_thread() -> None:
+    """...but a try never waits for a slow one to end: after DEFER_S, a
+    sleeping thread is woken for it."""
+    worker, conn = _worker(threads=4)
+    worker.threads.start_all()
+    worker._start_try(_try("wait_for_gate", step=0, mark="slow"))
+    worker._start_try(_try("where", step=1))
+    await _outcomes(conn, 1)  # while the first still waits for the gate
+    assert [(m["step"], m["ok"]) for m in conn.sent] == [(1, True)]
+    assert seen_threads[0] == "slow"
+    gate.set()
+    await _outcomes(conn, 2)
+    worker.threads.shutdown()
+
+
+@on_loop
 async def test_cancel_fails_the_tries_and_drops_what_they_return() -> None:
     worker, conn = _worker(threads=1)
     worker._start_try(_try("wait_for_gate", step=0, mark="running"))
