@@ -244,18 +244,20 @@ def test_cancelling_a_run_stops_its_running_async_task(coda: CodaProcess) -> Non
     assert isinstance(history[-1], RunCancelled)
 
 
-def test_bad_options_are_usage_errors_not_tracebacks(workdir: Path) -> None:
-    def coda_cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [PYTHON, "-m", "coda", *args],
-            cwd=workdir,
-            env=base_env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+def _coda_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI run in `workdir`, with no supervisor started for it."""
+    return subprocess.run(
+        [PYTHON, "-m", "coda", *args],
+        cwd=workdir,
+        env=base_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
+
+def test_bad_options_are_usage_errors_not_tracebacks(workdir: Path) -> None:
     for args in (
         ("run", "e2e_app", "--synchronous", "sometimes"),
         ("run", "e2e_app", "--tcp", "127.0.0.1:notaport"),
@@ -268,7 +270,7 @@ def test_bad_options_are_usage_errors_not_tracebacks(workdir: Path) -> None:
         ("run", "e2e_app", "--task-timeout=nan"),
         ("submit", "quick", '{"x": NaN}'),
     ):
-        done = coda_cli(*args)
+        done = _coda_cli(workdir, *args)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert "Traceback" not in done.stderr, args
     # Nothing was created by the refused `coda run`s.
@@ -284,15 +286,7 @@ def test_an_app_that_raises_on_import_shows_its_own_traceback(workdir: Path) -> 
     (workdir / "raising_helper.py").write_text(
         "def load():\n    raise KeyError('SENTRY_DSN')\n\nload()\n", encoding="utf-8"
     )
-    done = subprocess.run(
-        [PYTHON, "-m", "coda", "run", "raising_app"],
-        cwd=workdir,
-        env=base_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = _coda_cli(workdir, "run", "raising_app")
     assert done.returncode == 1, done.stderr
     lines = done.stderr.splitlines()
     assert "app module 'raising_app' raised an exception" in lines[0]
@@ -338,13 +332,6 @@ def test_history_shows_a_retry_time_past_year_9999(workdir: Path) -> None:
             await journal.append(events)
 
     asyncio.run(write())
-    done = subprocess.run(
-        [PYTHON, "-m", "coda", "history", run],
-        cwd=workdir,
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = _coda_cli(workdir, "history", run)
     assert done.returncode == 0, done.stderr
     assert "retry_at=1e+13 (seconds since 1970)" in done.stdout
