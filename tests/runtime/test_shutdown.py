@@ -122,3 +122,33 @@ def test_sigterm_while_a_worker_is_being_replaced(coda: CodaProcess) -> None:
     assert coda.wait_exit(timeout=10) == 0
     assert coda.leftovers() == []
     assert "Traceback" not in coda.log_text()
+
+
+def test_a_run_waiting_to_retry_at_a_stop_retries_after_the_restart(
+    coda: CodaProcess,
+) -> None:
+    """A run between two attempts when the supervisor stops has nothing to
+    dispatch after the restart: its next attempt must start all the same."""
+    side, flag = coda.workdir / "side.txt", coda.workdir / "flag"
+    args = {"side_file": str(side), "tag": "t", "flag": str(flag)}
+    with coda.client() as client:
+        client.submit("flaky_retrying", args, run_id="retry-across")
+    wait_for(
+        lambda: (
+            {r.run_id: r.status for r in coda.runs()}.get("retry-across") == "retrying"
+        ),
+        10,
+        "the first attempt to fail",
+    )
+    assert coda.stop(signal.SIGTERM, timeout=10) == 0
+    flag.touch()
+    time.sleep(2.0)  # past the retry's time: due at once after the restart
+
+    coda.start()
+    with coda.client() as client:
+        result = client.result("retry-across", timeout=15)
+
+    assert result == {"prepare": "prepared t", "check": "flag set"}
+    assert [r.status for r in coda.runs() if r.run_id == "retry-across"] == [
+        "completed"
+    ]

@@ -225,6 +225,11 @@ class Supervisor:
             self.runs[run_id] = run
         if batch:
             await self._commit(batch)
+        # What recovery decided is durable now. A run's first activation waits
+        # for all its history to be (`LiveRun.settled`); a run with no task to
+        # dispatch (its next attempt due, say) would otherwise wait for ever.
+        for run in self.runs.values():
+            run.durable = len(run.history)
         logger.info(
             "recovered %d unfinished runs in %.3fs",
             len(self.runs),

@@ -150,6 +150,12 @@ async def flaky(side_file: str, tag: str, flag: str) -> dict[str, str]:
     return {"prepare": prepared, "check": checked}
 
 
+@coda.workflow(max_retries=1, backoff=1.5)
+async def flaky_retrying(side_file: str, tag: str, flag: str) -> dict[str, str]:
+    """`flaky`, whose attempt is tried again 1.5 s after it fails."""
+    return await flaky.fn(side_file, tag, flag)
+
+
 # Quick.
 
 
