@@ -14,6 +14,7 @@ history.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import enum
 import json
@@ -132,8 +133,15 @@ def _guard(call: Any) -> Any:
 
 
 def _announce(line: str) -> None:
-    """A lifecycle line of `coda run` (serving, stopping), on stderr."""
-    err.print(escape(_visible(line)), soft_wrap=True, highlight=False)
+    """A lifecycle line of `coda run` (serving, stopping), on stderr.
+
+    Never what decides whether the supervisor serves or how it exits: a
+    stderr that is closed, full or a pipe nobody reads loses the line, as a
+    log line would be lost (rich would end the process on a broken pipe).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(_visible(line) + "\n")
+        sys.stderr.flush()
 
 
 def _when(stamp: float | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -335,3 +336,31 @@ def test_history_shows_a_retry_time_past_year_9999(workdir: Path) -> None:
     done = _coda_cli(workdir, "history", run)
     assert done.returncode == 0, done.stderr
     assert "retry_at=1e+13 (seconds since 1970)" in done.stdout
+
+
+def test_coda_run_serves_and_stops_cleanly_with_nobody_reading_stderr(
+    workdir: Path,
+) -> None:
+    """The serving and stopping lines are for a person; a stderr pipe that
+    nobody reads any more must not end the supervisor or change its exit."""
+    process = subprocess.Popen(
+        [PYTHON, "-m", "coda", "run", "e2e_app", "--workers", "1"],
+        cwd=workdir,
+        env=base_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline().decode()
+        assert first.startswith("coda: supervisor pid"), first
+        process.stderr.close()
+        time.sleep(0.5)
+        assert process.poll() is None, "the supervisor ended"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
