@@ -284,13 +284,18 @@ def load_app(module: str) -> Registry:
     try:
         imported = importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
+        missing = exc.name or ""
+        if missing and (module == missing or module.startswith(missing + ".")):
             raise UnknownNameError(
                 f"cannot import app module {module!r}: {exc}. Run from the "
                 "directory that contains it or put it on PYTHONPATH."
             ) from exc
         raise AppImportError(module, exc) from exc
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise  # the person at the terminal, not the app
+    except BaseException as exc:
+        # SystemExit too: an app that exits while imported cannot be served,
+        # and `coda run` must not end quietly with its code.
         raise AppImportError(module, exc) from exc
     registry = getattr(imported, "registry", None)
     return registry if isinstance(registry, Registry) else default_registry

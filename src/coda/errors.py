@@ -64,22 +64,23 @@ class UnknownNameError(CodaError, LookupError):
 class AppImportError(CodaError, ImportError):
     """The app module raised while being imported: a bug in the app, not in Coda.
 
-    The message holds the app's own part of the traceback (the frames of
-    Python's import machinery and of Coda left out) and the exception.
+    The message holds the app's traceback (the frames of Python's import
+    machinery and of Coda that lead to the app's own left out, the exceptions
+    it was raised from and the members of an exception group kept).
     """
 
     def __init__(self, module: str, exc: BaseException) -> None:
-        frames = traceback.extract_tb(exc.__traceback__)
+        report = traceback.TracebackException.from_exception(exc)
+        frames = list(report.stack)
         # Everything down to the first frame of the app's own files is Coda
         # calling `importlib`, which the user needs to see no more than once.
         while frames and _is_import_machinery(frames[0].filename):
             frames.pop(0)
-        shown = "".join(traceback.format_list(frames))
-        raised = "".join(traceback.format_exception_only(exc)).rstrip("\n")
-        trace = f"Traceback (most recent call last):\n{shown}" if shown else ""
+        report.stack = traceback.StackSummary.from_list(frames)
+        trace = "".join(report.format()).rstrip("\n")
         super().__init__(
             f"app module {module!r} raised an exception while being imported; "
-            f"fix the app, then start again:\n{trace}{raised}"
+            f"fix the app, then start again:\n{trace}"
         )
         self.module = module
 

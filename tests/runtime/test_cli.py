@@ -364,3 +364,34 @@ def test_coda_run_serves_and_stops_cleanly_with_nobody_reading_stderr(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        # What the app's exception was raised from says what is wrong.
+        (
+            "import json\ntry:\n    json.loads('{,}')\nexcept ValueError as e:\n"
+            "    raise RuntimeError('no settings') from e\n",
+            ["JSONDecodeError: Expecting property name", "RuntimeError: no settings"],
+        ),
+        (
+            "raise ExceptionGroup('two', [ValueError('first'), KeyError('second')])\n",
+            ["ValueError: first", "KeyError: 'second'"],
+        ),
+        # An app that exits while imported cannot be served: not a quiet exit 0.
+        ("import sys\nsys.exit(0)\n", ["SystemExit: 0"]),
+        # A missing module whose name begins the app's is the app's import.
+        ("import settings\n", ["ModuleNotFoundError: No module named 'settings'"]),
+    ],
+)
+def test_what_an_app_raises_on_import_is_shown_whole(
+    workdir: Path, source: str, shown: list[str]
+) -> None:
+    (workdir / "settings_app.py").write_text(source, encoding="utf-8")
+    done = _coda_cli(workdir, "run", "settings_app")
+    assert done.returncode == 1, done.stderr
+    assert "app module 'settings_app' raised an exception" in done.stderr
+    for text in shown:
+        assert text in done.stderr, done.stderr
+    assert "importlib" not in done.stderr
