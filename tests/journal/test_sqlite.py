@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import coda.journal._sqlite_schema as schema
 import coda.journal._sqlite_writer as writer_module
 import coda.journal.sqlite as sqlite_module
+from coda.doctor import check_journal
 from coda.errors import JournalError, JournalVersionError, RunNotFound
 from coda.journal.codec import decode, encode
 from coda.journal.events import (
@@ -1184,7 +1185,9 @@ def test_an_older_journal_is_migrated_in_one_transaction(
     assert "notes" not in tables
     conn.close()
 
-    # Reading an older journal without migrating it is refused with advice.
+    # Reading an older journal that this code cannot read as it is, without
+    # migrating it, is refused with advice.
+    monkeypatch.setattr(schema, "READABLE_FROM", current + 1)
     with pytest.raises(JournalError, match="open it read-write once"):
         read_history_sync(path, "old")
 
@@ -1238,6 +1241,15 @@ def test_a_version_1_journal_is_migrated_and_reads_the_same(tmp_path: Path) -> N
     path = tmp_path / "j.db"
     done, going = completed_run("done"), completed_run("going")[:2]
     _version_1_journal(path, {"done": done, "going": going})
+
+    # Read as it is, without a migration (a backup on a read-only mount, say).
+    unmigrated = {r.run_id: r for r in read_runs_sync(path)}
+    assert (unmigrated["done"].events, unmigrated["done"].result) == (3, "done")
+    assert unmigrated["going"].updated_at == going[-1].at
+    assert read_history_sync(path, "going") == going
+    assert asyncio.run(check_journal(path)) == []
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
 
     async def body(journal: SQLiteJournal) -> tuple[Any, ...]:
         before = await journal.run("done"), await journal.run("going")

@@ -104,6 +104,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 """`MIGRATIONS[v]` holds the statements that take a journal from version v to v+1."""
 
+# The oldest schema version this code reads without migrating the file, so that
+# `coda ls`, `history`, `doctor` and `replay` work on a journal no supervisor of
+# this version has opened yet (a backup on a read-only mount, say). Every read
+# statement here must work on each version from this one: version 1 differs
+# from 2 only by two columns of `runs` that no statement reads any more.
+READABLE_FROM = 1
+
 BUSY_TIMEOUT = 5.0  # seconds to wait for another process's lock before failing
 # Page cache of the writer. It fills up as the journal grows and then stays
 # full: at 64 MiB that was all of the supervisor's memory growth between
@@ -359,7 +366,7 @@ def check_version(
         )
     if version == 0 and not migrate:
         raise JournalError(f"journal {path} is empty: no run was ever written to it")
-    if version < target and not migrate:
+    if version < READABLE_FROM and not migrate:
         raise JournalError(
             f"journal {path} has schema version {version}, older than this Coda's "
             f"{target}; open it read-write once (start the supervisor) to migrate "
