@@ -152,7 +152,7 @@ def _when(stamp: float | None) -> str:
     except (OverflowError, OSError, ValueError):
         # Past year 9999 (a retry policy's backoff may put a retry there) or
         # not a time at all: the number is all there is to show.
-        return f"{stamp:g} (seconds since 1970)"
+        return f"{stamp:.3f} (seconds since 1970)"
     return when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 

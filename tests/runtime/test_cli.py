@@ -335,7 +335,7 @@ def test_history_shows_a_retry_time_past_year_9999(workdir: Path) -> None:
     asyncio.run(write())
     done = _coda_cli(workdir, "history", run)
     assert done.returncode == 0, done.stderr
-    assert "retry_at=1e+13 (seconds since 1970)" in done.stdout
+    assert "retry_at=10000000000000.000 (seconds since 1970)" in done.stdout
 
 
 def test_coda_run_serves_and_stops_cleanly_with_nobody_reading_stderr(
