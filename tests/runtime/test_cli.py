@@ -395,3 +395,14 @@ def test_what_an_app_raises_on_import_is_shown_whole(
     for text in shown:
         assert text in done.stderr, done.stderr
     assert "importlib" not in done.stderr
+
+
+def test_coda_run_says_why_it_cannot_make_its_lock_file(workdir: Path) -> None:
+    # A file where the lock's folder goes: mkdir fails as on a read-only
+    # mount, which a test cannot make without privileges.
+    (workdir / ".coda").write_text("in the way", encoding="utf-8")
+    done = _coda_cli(workdir, "run", "e2e_app")
+    assert done.returncode == 1, done.stderr
+    assert "cannot make the lock file" in done.stderr
+    assert ".coda/coda.db.lock" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -125,7 +125,10 @@ def _journal_lock(journal_path: str) -> Iterator[None]:
     """
     journal = Path(journal_path).resolve()
     beside = journal.parent / ".coda" / f"{journal.name}.lock"
-    beside.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        beside.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_lock(beside, exc) from exc
     with _flock(beside, journal):
         file = _journal_file(journal)
         aliases = _user_lock_directory() / f"journal-{file.st_dev}-{file.st_ino}.lock"
@@ -141,7 +144,10 @@ def _flock(path: Path, journal: Path, *, remove: bool = False) -> Iterator[None]
     so a file locked is only ours if it is still the one at `path`.
     """
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise _cannot_lock(path, exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -166,6 +172,15 @@ def _flock(path: Path, journal: Path, *, remove: bool = False) -> Iterator[None]
         if remove:
             path.unlink(missing_ok=True)
         os.close(fd)
+
+
+def _cannot_lock(path: Path, exc: OSError) -> CodaError:
+    return CodaError(
+        f"cannot make the lock file {path} that keeps a second supervisor off "
+        f"the journal ({exc.strerror or exc}); coda run writes the journal and "
+        "its lock beside it, so its folder must be writable: check the "
+        "permissions and the mount, or pass --journal with a writable path"
+    )
 
 
 def _is_at(fd: int, path: Path) -> bool:
