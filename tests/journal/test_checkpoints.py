@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
+import coda.journal._sqlite_checkpoints as checkpoints_module
 import coda.journal._sqlite_schema as schema
-import coda.journal._sqlite_writer as writer_module
 from coda.journal.events import RunSubmitted, TaskScheduled
 from coda.journal.sqlite import SQLiteJournal
 
-WRITER_LOG = "coda.journal._sqlite_writer"
+# The writer and the checkpointer log under it.
+WRITER_LOG = "coda.journal"
 
 
 @pytest.fixture
@@ -296,12 +297,12 @@ def test_a_stop_just_before_the_checkpointer_clears_its_wake_up_still_ends_it(
     # (its thread's own) as usual.
     real, made = threading.Event, [StopFirst(), closing]
     monkeypatch.setattr(
-        writer_module.threading, "Event", lambda: made.pop(0) if made else real()
+        checkpoints_module.threading, "Event", lambda: made.pop(0) if made else real()
     )
     monkeypatch.setattr(schema, "CHECKPOINT_PAUSES", (0.01, 0.01))
     db = sqlite3.connect(tmp_path / "j.db", check_same_thread=False)
     db.execute("PRAGMA journal_mode = WAL")
-    checkpointer = writer_module.Checkpointer(tmp_path / "j.db", db)
+    checkpointer = checkpoints_module.Checkpointer(tmp_path / "j.db", db)
     checkpointer.committed()  # the thread wakes, pauses, then clears
     checkpointer._thread.join(timeout=5)
     assert not checkpointer._thread.is_alive()

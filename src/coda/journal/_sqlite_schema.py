@@ -119,7 +119,7 @@ BUSY_TIMEOUT = 5.0  # seconds to wait for another process's lock before failing
 # pages it misses are read from the operating system's cache.
 CACHE_KIB = 16384
 # Checkpoints (see "Checkpoints" in `coda.journal.sqlite`). The writer's own
-# automatic checkpoint is off; `_sqlite_writer.Checkpointer` copies the WAL
+# automatic checkpoint is off; `_sqlite_checkpoints.Checkpointer` copies the WAL
 # into the database on its own connection and thread, a round for about every
 # CHECKPOINT_FRAMES frames (pages, 4 KiB) of WAL while commits come, paced
 # between CHECKPOINT_PAUSES seconds apart: a page rewritten by many commits in
@@ -544,7 +544,7 @@ def open_checkpointer(path: Path, synchronous: str) -> sqlite3.Connection:
     With the writer's `synchronous`: SQLite syncs the WAL before a checkpoint
     copies it and the database file before the WAL may be reused only if the
     connection that checkpoints says so. Blocking; any thread may then use it,
-    one at a time (`_sqlite_writer.Checkpointer` hands it to its own thread).
+    one at a time (`_sqlite_checkpoints.Checkpointer` hands it to its own thread).
     """
     db = sqlite3.connect(
         path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
