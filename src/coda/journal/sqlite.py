@@ -14,7 +14,8 @@ thousand runs rewrites a thousand full pages: with raw SQLite at
 130,000 this way. The `history` view shows events with their text run ids, for
 people reading the file by hand. Statements, migrations and the opening of
 files are in `coda.journal._sqlite_schema`; the preparing and writing of appends
-in `coda.journal._sqlite_writer`.
+in `coda.journal._sqlite_writer`; the checkpoints in
+`coda.journal._sqlite_checkpoints`.
 
 Two projections are kept in the same transaction as the events they come from,
 so that they can never disagree with the history:
