@@ -213,6 +213,22 @@ async def test_a_try_queued_behind_a_long_one_soon_gets_a_thread() -> None:
 
 
 @on_loop
+async def test_a_try_queued_behind_a_long_one_starts_while_the_loop_is_held() -> None:
+    """The loop may be held (an `async def` task that blocks, long workflow
+    code) while the supervisor's clock for a queued try runs: a thread of
+    the worker's own then starts it."""
+    worker, conn = _worker(threads=4)
+    worker.threads.start_all()
+    worker._start_try(_try("wait_for_gate", step=0, mark="slow"))
+    worker._start_try(_try("where", step=1))
+    time.sleep(0.3)  # the loop held: no timer of its own can fire
+    assert len(seen_threads) == 2, seen_threads
+    gate.set()
+    await _outcomes(conn, 2)
+    worker.threads.shutdown()
+
+
+@on_loop
 async def test_cancel_fails_the_tries_and_drops_what_they_return() -> None:
     worker, conn = _worker(threads=1)
     worker._start_try(_try("wait_for_gate", step=0, mark="running"))

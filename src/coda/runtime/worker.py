@@ -26,11 +26,13 @@ import contextlib
 import faulthandler
 import functools
 import logging
+import math
 import os
 import queue
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -261,7 +263,7 @@ def _key_of(running: asyncio.Task[None] | _ThreadTry) -> tuple[int, int, int]:
 class _ThreadTry:
     """A try of a plain `def` task, handed to a thread of `_TryThreads`."""
 
-    __slots__ = ("cancelled", "finished", "fn", "msg", "thread")
+    __slots__ = ("cancelled", "finished", "fn", "msg", "queued_at", "thread")
 
     def __init__(self, msg: dict[str, Any], fn: Callable[..., Any]) -> None:
         self.msg = msg
@@ -273,6 +275,7 @@ class _ThreadTry:
         # The thread the try was handed to, until it has run it (under the
         # lock of `_TryThreads`).
         self.thread: _TryThread | None = None
+        self.queued_at = 0.0  # time.monotonic() when it was queued
 
     def run(self) -> dict[str, Any]:
         """Run the try (in a thread) and make its outcome message."""
@@ -296,8 +299,10 @@ class _TryThread:
 
 
 # How long a try may wait for a running thread to take it before a sleeping
-# one is woken for it.
+# one is woken for it, by the loop (`_unstick`); and at most, however busy the
+# loop, by a thread of its own (`_watch`).
 DEFER_S = 0.001
+WATCH_S = 0.005
 
 
 class _TryThreads:
@@ -323,7 +328,8 @@ class _TryThreads:
     worker switched threads 6 times a run, a fifth of its CPU in the
     kernel's scheduler; queued, 4 times, and the workers spent 5-15 % less
     CPU a run. A try queued behind a long one gets a thread of its own
-    DEFER_S later (`_unstick`). `coda run` gives a worker a slot for every
+    DEFER_S later (`_unstick`, on the loop), or WATCH_S later if the loop is
+    held up (`_watch`, a thread). `coda run` gives a worker a slot for every
     try it may hold, so a try never waits longer than that for a thread
     while the supervisor's clock for its start-to-close timeout runs,
     provided no thread stays busy with a try the supervisor no longer counts:
@@ -362,6 +368,12 @@ class _TryThreads:
         )
         self._wakeup_pending = False
         self._unstick_timer: asyncio.TimerHandle | None = None
+        # The thread that hands queued tries out when the loop cannot
+        # (`_watch`), started with the first try queued; `_watching` while it
+        # looks every WATCH_S, `_queued` to wake it (under the lock).
+        self._watcher: threading.Thread | None = None
+        self._watching = False
+        self._queued = threading.Condition(self._lock)
 
     def start_all(self) -> None:
         """Start a thread for every free slot, to wait for tries."""
@@ -384,15 +396,28 @@ class _TryThreads:
         than tries are queued waits for one of them, sparing a sleeping
         thread's wake-up and a turn at the GIL shared with the running ones.
         Should none be done DEFER_S later (a long try), `_unstick` wakes a
-        thread for it, so that a try never waits for a slower one's end.
+        thread for it, so that a try never waits for a slower one's end; if
+        the loop is held up, `_watch` does within WATCH_S.
         """
+        start_watcher = False
+        job.queued_at = time.monotonic()
         with self._lock:
             self._waiting.append(job)
             handed = self._hand_out(self._slotted - len(self._idle))
-            if self._waiting and self._unstick_timer is None:
-                assert self.loop is not None
-                self._unstick_timer = self.loop.call_later(DEFER_S, self._unstick)
+            if self._waiting:
+                if self._unstick_timer is None:
+                    assert self.loop is not None
+                    self._unstick_timer = self.loop.call_later(DEFER_S, self._unstick)
+                if not self._watching:
+                    self._watching = True
+                    start_watcher = self._watcher is None
+                    self._queued.notify()
         self._start(handed)
+        if start_watcher:
+            self._watcher = threading.Thread(
+                target=self._watch, name=f"{self.prefix}-watcher", daemon=True
+            )
+            self._watcher.start()
 
     def _unstick(self) -> None:
         """On the loop: hand every try still queued to an idle or new thread."""
@@ -401,14 +426,41 @@ class _TryThreads:
             handed = self._hand_out(0)
         self._start(handed)
 
+    def _watch(self) -> None:
+        """A thread: hand queued tries out every WATCH_S while any are queued.
+
+        `_unstick` runs on the loop, which an `async def` task that blocks, or
+        long workflow code, can hold for seconds, while the supervisor's
+        clock for the queued tries' timeouts runs. This thread does not
+        depend on the loop; it sleeps for good while nothing is queued, so
+        it costs a wake-up only every WATCH_S under load.
+        """
+        with self._lock:
+            while not self._closed:
+                if not self._waiting:
+                    self._watching = False
+                    self._queued.wait()
+                    continue
+                self._queued.wait(WATCH_S)
+                # Only tries the loop did not get to: the others are about to
+                # be taken, by a running thread or by `_unstick`. Started
+                # under the lock: a new thread takes no lock before it waits
+                # for its try, so this holds the others up only for as long
+                # as the hand-over.
+                stale = time.monotonic() - WATCH_S
+                self._start(self._hand_out(0, queued_before=stale))
+
     def _hand_out(
-        self, running: int
+        self, running: int, queued_before: float = math.inf
     ) -> list[tuple[_TryThread, _ThreadTry, threading.Thread | None]]:
         """Under the lock: the oldest queued tries beyond what `running` threads
-        will take, each given an idle thread or a new one (while slots last)."""
+        will take (and queued before `queued_before`), each given an idle
+        thread or a new one (while slots last)."""
         handed = []
         waiting = self._waiting
         while len(waiting) > running and not self._closed:
+            if waiting[0].queued_at > queued_before:
+                break
             if self._idle:
                 thread, runner = self._idle.pop(), None
                 job = waiting.popleft()
@@ -461,6 +513,7 @@ class _TryThreads:
                 job.cancelled = True
             self._waiting.clear()
             idle, self._idle = self._idle, []
+            self._queued.notify_all()  # the watcher ends
         for thread in idle:
             thread.handoff.put(None)
 
