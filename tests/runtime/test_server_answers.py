@@ -372,3 +372,71 @@ async def _closed_under_waiters(tmp_path: Path) -> None:
         await client.close()
         with pytest.raises(ProtocolError, match="closed"):
             await asyncio.wait_for(waiting, 5)
+
+
+def test_a_wait_for_a_run_finished_lately_reads_nothing(tmp_path: Path) -> None:
+    asyncio.run(_finished_lately(tmp_path))
+
+
+async def _finished_lately(tmp_path: Path) -> None:
+    # A client that submits a burst and then waits for each run asks for many
+    # after they finished: their summaries come from memory, not the journal.
+    async with (
+        _serving(tmp_path) as (journal, supervisor, client),
+        asyncio.timeout(60),
+    ):
+        run_ids = [await client.submit("quick", {"x": n}) for n in range(20)]
+        first = await client.result(run_ids[-1])
+        reads = 0
+        read_run = journal.run
+
+        async def counted(run_id: str, **options: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await read_run(run_id, **options)
+
+        journal.run = counted  # type: ignore[method-assign]
+        results = [await client.result(run_id) for run_id in run_ids]
+        assert results == [await client.result(r) for r in run_ids]
+        assert first == results[-1] and len(set(results)) == 20
+        assert reads == 0
+        # A run finished long ago (no longer kept): the journal is asked.
+        supervisor.finished.drop(run_ids[0])
+        assert await client.result(run_ids[0]) == results[0]
+        assert reads == 1
+
+
+def test_finished_runs_are_kept_within_their_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from coda.journal.base import RunSummary
+    from coda.runtime.runs import FinishedRuns
+
+    def summary(run_id: str, result: Any) -> RunSummary:
+        return RunSummary(
+            run_id=run_id, workflow="w", status="completed", attempt=1,
+            submitted_at=1.0, updated_at=2.0, events=3, result=result, error=None,
+        )  # fmt: skip
+
+    monkeypatch.setattr(FinishedRuns, "KEPT", 3)
+    monkeypatch.setattr(FinishedRuns, "KEPT_BYTES", 64 * 1000)
+    kept = FinishedRuns()
+    for n in range(5):
+        kept.add(summary(f"r{n}", n))
+    # The last three, by count.
+    assert [kept.get(f"r{n}") is not None for n in range(5)] == [0, 0, 1, 1, 1]
+    # A result over a 64th of the budget is not kept (the journal has it).
+    kept.add(summary("big", "x" * 2000))
+    assert kept.get("big") is None and kept.get("r4") is not None
+    # Results up to the budget in all (here 70 of about 900 bytes): older go.
+    monkeypatch.setattr(FinishedRuns, "KEPT", 1000)
+    for n in range(100):
+        kept.add(summary(f"part{n}", "y" * 700))
+    assert [n for n in range(100) if kept.get(f"part{n}")] == list(range(30, 100))
+    assert kept.get("r4") is None
+    # A run finished again replaces its summary; a reopened one is dropped.
+    kept.add(summary("part99", "again"))
+    again = kept.get("part99")
+    assert again is not None and again.result == "again"
+    kept.drop("part99")
+    assert kept.get("part99") is None

@@ -15,8 +15,9 @@ acts on nothing itself), and the submission lingers, up to
 one commit.
 
 Waiting for a run is answered when the run finishes or is parked, once that
-is durable; a run no longer live here was finished long ago (or never
-existed), and the journal has its summary. A cancellation, or a reopening,
+is durable; a run finished lately is answered from its summary in memory
+(`FinishedRuns`); any other run no longer live here was finished long ago (or
+never existed), and the journal has its summary. A cancellation, or a reopening,
 is acknowledged only when it changed something and that change is durable.
 """
 
@@ -30,7 +31,7 @@ from coda import decide
 from coda.definitions import Registry, WorkflowDef
 from coda.errors import JournalError, RunIdConflict, RunNotFound
 from coda.journal.base import Journal, RunSummary, summarize
-from coda.runtime.runs import LiveRun, Record, Stats
+from coda.runtime.runs import FinishedRuns, LiveRun, Record, Stats
 from coda.state import RunStatus, fold
 
 __all__ = ["Requests"]
@@ -63,6 +64,7 @@ class Requests:
         self,
         runs: dict[str, LiveRun],
         waiters: dict[str, list[asyncio.Future[RunSummary]]],
+        finished: FinishedRuns,
         stats: Stats,
         *,
         journal: Journal,
@@ -73,6 +75,7 @@ class Requests:
     ) -> None:
         self.runs = runs
         self._waiters = waiters
+        self.finished = finished
         self.stats = stats
         self.journal = journal
         self.registry = registry
@@ -181,12 +184,19 @@ class Requests:
     def waiter(self, run_id: str) -> asyncio.Future[RunSummary] | None:
         """A future of the run's summary once it is finished or parked.
 
-        None when the run is not live here (finished long ago, or unknown):
-        the journal has its summary.
+        None when the run is neither live here nor finished lately (finished
+        long ago, or unknown): the journal has its summary.
         """
         run = self.runs.get(run_id)
         if run is None:
-            return None
+            summary = self.finished.get(run_id)
+            if summary is None:
+                return None
+            done: asyncio.Future[RunSummary] = (
+                asyncio.get_running_loop().create_future()
+            )
+            done.set_result(summary)
+            return done
         waiter: asyncio.Future[RunSummary] = asyncio.get_running_loop().create_future()
         if run.state.status is RunStatus.PARKED and run.settled:
             waiter.set_result(summarize(run.state))
@@ -232,6 +242,7 @@ class Requests:
                 return False
             run = LiveRun(state, history, durable=len(history))
             self.runs[run_id] = run
+            self.finished.drop(run_id)
             recorded = self._record(run, events)
         finally:
             del self._submitting[run_id]

@@ -63,7 +63,7 @@ from coda.runtime.activation import Activations
 from coda.runtime.dispatch import Dispatcher
 from coda.runtime.pool import WorkerHandle, WorkerPool
 from coda.runtime.requests import Requests
-from coda.runtime.runs import LiveRun, Stats, feeds
+from coda.runtime.runs import FinishedRuns, LiveRun, Stats, feeds
 from coda.state import IllegalEvent, RunState, RunStatus, StepStatus, fold
 
 __all__ = ["Supervisor"]
@@ -117,6 +117,7 @@ class Supervisor:
             log_level=log_level,
         )
         self._waiters: dict[str, list[asyncio.Future[RunSummary]]] = {}
+        self.finished = FinishedRuns()
         self._background: set[asyncio.Task[Any]] = set()
         self._queue_events: list[Event] = []
         self._queue_jobs: list[
@@ -161,6 +162,7 @@ class Supervisor:
         self.requests = Requests(
             self.runs,
             self._waiters,
+            self.finished,
             self.stats,
             journal=journal,
             registry=registry,
@@ -565,6 +567,7 @@ class Supervisor:
             _warn_unawaited(state)
         counter = state.status.value
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        self.finished.add(summarize(state))
         self._notify(run)
         logger.debug("run %s %s", run.run_id, counter)
 
