@@ -22,7 +22,7 @@ import pytest
 
 import coda.runtime.server as server_module
 from coda.definitions import load_app
-from coda.errors import ProtocolError, RunNotFound, UnknownNameError
+from coda.errors import ProtocolError, RunFailedError, RunNotFound, UnknownNameError
 from coda.runtime.client import Client, RequestError
 from coda.runtime.server import ClientServer
 from coda.runtime.supervisor import Supervisor
@@ -440,3 +440,30 @@ def test_finished_runs_are_kept_within_their_bounds(
     assert again is not None and again.result == "again"
     kept.drop("part99")
     assert kept.get("part99") is None
+
+
+def test_a_wait_after_a_retry_waits_for_the_new_attempt(tmp_path: Path) -> None:
+    asyncio.run(_retried(tmp_path))
+
+
+async def _retried(tmp_path: Path) -> None:
+    # The summary kept for a finished run must not answer a wait once the
+    # run was retried: the wait is for the retry's outcome.
+    side, flag = tmp_path / "side.txt", tmp_path / "flag"
+    args = {"side_file": str(side), "tag": "t", "flag": str(flag)}
+    async with (
+        _serving(tmp_path) as (_, supervisor, client),
+        asyncio.timeout(60),
+    ):
+        run_id = await client.submit("flaky", args)
+        with pytest.raises(RunFailedError):
+            await client.result(run_id)
+        assert supervisor.finished.get(run_id) is not None
+        flag.touch()
+        assert await client.retry(run_id, "the flag is set")
+        assert await client.result(run_id) == {
+            "prepare": "prepared t",
+            "check": "flag set",
+        }
+        kept = supervisor.finished.get(run_id)
+        assert kept is not None and kept.status == "completed"
