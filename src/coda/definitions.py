@@ -283,19 +283,18 @@ def load_app(module: str) -> Registry:
     """Import the app module `module` (which registers its tasks and workflows)."""
     try:
         imported = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
+    except KeyboardInterrupt:
+        raise  # the person at the terminal, not the app
+    except BaseException as exc:
+        # The module itself not found is a wrong name or path; anything else,
+        # SystemExit too, is the app's own failure: an app that exits while
+        # imported cannot be served, and `coda run` must not end quietly.
+        missing = (exc.name or "") if isinstance(exc, ModuleNotFoundError) else ""
         if missing and (module == missing or module.startswith(missing + ".")):
             raise UnknownNameError(
                 f"cannot import app module {module!r}: {exc}. Run from the "
                 "directory that contains it or put it on PYTHONPATH."
             ) from exc
-        raise AppImportError(module, exc) from exc
-    except KeyboardInterrupt:
-        raise  # the person at the terminal, not the app
-    except BaseException as exc:
-        # SystemExit too: an app that exits while imported cannot be served,
-        # and `coda run` must not end quietly with its code.
         raise AppImportError(module, exc) from exc
     registry = getattr(imported, "registry", None)
     return registry if isinstance(registry, Registry) else default_registry

@@ -186,11 +186,14 @@ UPSERT_CACHE = (
 # the runs inserted since `LAST_KEY` are exactly those with a larger key.
 LAST_KEY = "SELECT coalesce(max(rk), 0) FROM runs"
 KEYS_AFTER = "SELECT run_id, rk FROM runs WHERE rk > ?"
+# How many events a run's history holds, for a query of `runs`: one seek in
+# the events' index (histories run from #0 without gaps).
+_COUNT = "(SELECT coalesce(max(e.seq) + 1, 0) FROM events e WHERE e.rk = runs.rk)"
 # With each run's key, how many events its history holds: where the next
-# append must start (histories run from #0 without gaps).
+# append must start.
 KEYS_OF = (
-    "SELECT run_id, rk, (SELECT coalesce(max(e.seq) + 1, 0) FROM events e"
-    " WHERE e.rk = runs.rk) FROM runs WHERE run_id IN (SELECT value FROM json_each(?))"
+    f"SELECT run_id, rk, {_COUNT} FROM runs"
+    " WHERE run_id IN (SELECT value FROM json_each(?))"
 )
 TAKEN = (
     "SELECT e.seq FROM events e JOIN runs r ON r.rk = e.rk"
@@ -201,8 +204,7 @@ TAKEN = (
 # seeks in the index of `events` (histories run from #0 without gaps).
 _LAST_EVENT = (
     "coalesce((SELECT e.at FROM events e WHERE e.rk = runs.rk"
-    " ORDER BY e.seq DESC LIMIT 1), submitted_at),"
-    " (SELECT coalesce(max(e.seq) + 1, 0) FROM events e WHERE e.rk = runs.rk)"
+    f" ORDER BY e.seq DESC LIMIT 1), submitted_at), {_COUNT}"
 )
 END_OF = (
     "SELECT max(e.seq) + 1 FROM events e JOIN runs r ON r.rk = e.rk WHERE r.run_id = ?"

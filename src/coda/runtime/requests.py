@@ -188,17 +188,13 @@ class Requests:
         long ago, or unknown): the journal has its summary.
         """
         run = self.runs.get(run_id)
-        if run is None:
-            summary = self.finished.get(run_id)
-            if summary is None:
-                return None
-            done: asyncio.Future[RunSummary] = (
-                asyncio.get_running_loop().create_future()
-            )
-            done.set_result(summary)
-            return done
         waiter: asyncio.Future[RunSummary] = asyncio.get_running_loop().create_future()
-        if run.state.status is RunStatus.PARKED and run.settled:
+        if run is None:
+            kept = self.finished.get(run_id)
+            if kept is None:
+                return None
+            waiter.set_result(kept)
+        elif run.state.status is RunStatus.PARKED and run.settled:
             waiter.set_result(summarize(run.state))
         else:
             self._waiters.setdefault(run_id, []).append(waiter)

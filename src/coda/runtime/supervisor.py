@@ -567,14 +567,16 @@ class Supervisor:
             _warn_unawaited(state)
         counter = state.status.value
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
-        self.finished.add(summarize(state))
-        self._notify(run)
+        summary = summarize(state)
+        self.finished.add(summary)
+        self._notify(run, summary)
         logger.debug("run %s %s", run.run_id, counter)
 
-    def _notify(self, run: LiveRun) -> None:
+    def _notify(self, run: LiveRun, summary: RunSummary | None = None) -> None:
+        """Tell the run's waiters its `summary` (made from its state if None)."""
         waiters = self._waiters.pop(run.run_id, None)
         if waiters:
-            summary = summarize(run.state)
+            summary = summary or summarize(run.state)
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(summary)
