@@ -45,6 +45,10 @@ class WorkerHandle:
     started_at: float
     # Tries sent to this worker and not answered yet, with their deadline.
     tries: dict[TryKey, float | None] = attrs.field(factory=dict)
+    # Tries started for this worker that it has no room for yet, oldest
+    # first, with the time their start became durable (None until then):
+    # each is sent the moment one of `tries` ends (see `Dispatcher.pump`).
+    on_deck: dict[TryKey, float | None] = attrs.field(factory=dict)
     hosted: set[str] = attrs.field(factory=set)
     alive: bool = True
     lost_reason: str = ""
@@ -192,7 +196,7 @@ class WorkerPool:
             handle.name,
             handle.pid,
             reason,
-            len(handle.tries),
+            len(handle.tries) + len(handle.on_deck),
             len(handle.hosted),
         )
         self._last_loss = reason
