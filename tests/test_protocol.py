@@ -22,6 +22,7 @@ from coda.protocol import (
     ERROR_HANDSHAKE,
     ERROR_VERSION,
     PROTOCOL_VERSION,
+    RAW,
     Connection,
     ConnectionClosed,
     FrameDecoder,
@@ -125,7 +126,9 @@ json_values = st.recursive(
 messages_st = st.builds(
     lambda op, rest: {**rest, "op": op},
     st.text(min_size=1, max_size=12),
-    st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+    st.dictionaries(
+        st.text(max_size=8).filter(lambda key: key != RAW), json_values, max_size=4
+    ),
 )
 
 
@@ -249,6 +252,89 @@ def test_good_frames_before_a_bad_one_are_delivered_first() -> None:
     assert decoder.feed(data) == [{"op": "a"}, {"op": "b"}]
     assert decoder.error is not None
     with pytest.raises(ProtocolError, match="not a message"):
+        decoder.feed(b"")
+
+
+def _plain(value: Any) -> Any:
+    """A decoded message with its raw values (fragments) decoded too."""
+    if type(value) is orjson.Fragment:
+        return orjson.loads(orjson.dumps(value))
+    if type(value) is dict:
+        return {key: _plain(item) for key, item in value.items()}
+    if type(value) is list:
+        return [_plain(item) for item in value]
+    return value
+
+
+@settings(max_examples=200)
+@given(
+    msg=messages_st,
+    values=st.lists(json_values, max_size=4),
+    cut=st.integers(min_value=0),
+)
+def test_raw_values_arrive_in_their_places_as_sent(
+    msg: dict[str, Any], values: list[Any], cut: int
+) -> None:
+    msg = {**msg, "raws": [None] * len(values)}
+    raw = [(["raws", n], orjson.dumps(v)) for n, v in enumerate(values)]
+    stream = encode_frame({**msg, RAW: raw}) + encode_frame({"op": "next"})
+    cut %= len(stream) + 1
+    decoder = FrameDecoder(raw=True)
+    got = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+    assert [_plain(m) for m in got] == [{**msg, "raws": values}, {"op": "next"}]
+    placed = got[0]["raws"]
+    assert all(type(v) is orjson.Fragment for v in placed)
+    # Passed on as they came: encoding the message again splices them in.
+    assert orjson.loads(orjson.dumps(got[0])) == {**msg, "raws": values}
+
+
+def test_raw_values_go_into_nested_places() -> None:
+    msg = {"op": "commands", "commands": [{"type": "A"}, {"type": "B"}]}
+    raw = [(["commands", 1, "args"], b'{"x": [1, "\\u00e9"]}')]
+    (got,) = FrameDecoder(raw=True).feed(encode_frame({**msg, RAW: raw}))
+    assert RAW not in got
+    assert _plain(got) == {
+        "op": "commands",
+        "commands": [{"type": "A"}, {"type": "B", "args": {"x": [1, "\u00e9"]}}],
+    }
+
+
+@pytest.mark.parametrize("raw", ["0", [("r", b"1")], [(["r"], "1")], [(["r"],)], True])
+def test_the_raw_key_holds_raw_values_or_the_message_is_refused(raw: Any) -> None:
+    with pytest.raises(ProtocolError, match="reserved for raw values"):
+        encode_frame({"op": "o", RAW: raw})
+
+
+def test_a_decoder_without_raw_values_refuses_them_as_not_json() -> None:
+    data = encode_frame({"op": "outcome", RAW: [(["result"], b"1")]})
+    with pytest.raises(ProtocolError, match="not JSON"):
+        FrameDecoder().feed(data)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (
+            b'{"op":"o","$raw":[["r"]]}\x00{"a":',
+            "the raw value for \\['r'\\] is not JSON",
+        ),
+        (b'{"op":"o","$raw":[["r"]]}\x00', "is not JSON"),
+        (b'{"op":"o","$raw":[["r"]]}\x001\x002', "2 raw values"),
+        (b'{"op":"o"}\x001', "1 raw values and '\\$raw' None"),
+        (b'{"op":"o","$raw":[["a","b"]]}\x001', "not a place in the message"),
+        (b'{"op":"o","l":[],"$raw":[["l",3]]}\x001', "not a place in the message"),
+        (b'{"op":"o","$raw":[[]]}\x001', "not a place in the message"),
+        (b'{"op":"o","$raw":[[5]]}\x001', "not a place in the message"),
+        (b'{"op":"o","$raw":["r"]}\x001', "not a place in the message"),
+    ],
+)
+def test_bad_raw_values_are_refused_with_what_is_wrong(
+    body: bytes, problem: str
+) -> None:
+    decoder = FrameDecoder(raw=True)
+    good = frame(b'{"op":"before"}')
+    assert decoder.feed(good + frame(body)) == [{"op": "before"}]
+    with pytest.raises(ProtocolError, match=problem):
         decoder.feed(b"")
 
 

@@ -20,6 +20,16 @@ is the same value model as the journal's, and it stays readable in a packet
 capture or an strace. A zero-length frame, a payload that is not JSON, and
 JSON that is not an object with an ``"op"`` are refused too.
 
+Raw values. On a worker's link, a message may carry values already encoded
+(a task's result, a command's arguments) as raw segments after its JSON, each
+behind a NUL byte, which JSON text never holds: the message's ``"$raw"``
+lists the place of each (a path of keys and indexes). The decoder puts each
+in its place as an `orjson.Fragment`, checked to be JSON but not decoded: the
+supervisor passes these values on (to the journal, to another worker, to a
+client) and never looks inside them, and keeping them encoded spares it
+decoding, re-encoding and holding as objects the larger part of every
+message. A sender puts ``(path, bytes)`` pairs under ``"$raw"`` (`RAW`).
+
 `FrameDecoder` is the framing with no I/O: bytes in, messages out. It keeps a
 partial frame buffered across calls and decodes every complete frame of a chunk
 in one pass, so a burst of thousands of small frames costs one read and one
@@ -91,6 +101,7 @@ __all__ = [
     "ERROR_VERSION",
     "HEADER_BYTES",
     "PROTOCOL_VERSION",
+    "RAW",
     "ROLES",
     "Connection",
     "ConnectionClosed",
@@ -118,6 +129,9 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 READ_CHUNK_BYTES = 64 * 1024
 
 ROLES = ("client", "worker")
+
+RAW = "$raw"
+"""The key of a message's raw values (see "Raw values")."""
 
 # Error codes, the ``"code"`` of an ``{"op": "error"}`` message.
 ERROR_FRAME = "frame"
@@ -196,7 +210,16 @@ def encode_frame(msg: Message, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
             "string 'op'"
         )
     try:
-        payload = orjson.dumps(msg)
+        raw = msg.get(RAW)
+        if raw is None:
+            payload = orjson.dumps(msg)
+        else:
+            paths = _raw_paths(op, raw)
+            if paths:
+                payload = orjson.dumps({**msg, RAW: paths})
+                payload += b"".join([b"\0" + value for _, value in raw])
+            else:  # none after all: no "$raw" either
+                payload = orjson.dumps({k: v for k, v in msg.items() if k != RAW})
     except orjson.JSONEncodeError as exc:
         raise ValueNotJSON(f"message {op!r} does not encode as JSON: {exc}") from exc
     if len(payload) > max_frame_bytes:
@@ -206,6 +229,23 @@ def encode_frame(msg: Message, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -
             "the limit on both ends"
         )
     return _HEADER.pack(len(payload)) + payload
+
+
+def _raw_paths(op: str, raw: Any) -> list[Any]:
+    """The paths of a message's raw values to send; refuses anything else
+    under the reserved key."""
+    if type(raw) is list and all(
+        type(item) is tuple
+        and len(item) == 2
+        and type(item[0]) is list
+        and type(item[1]) is bytes
+        for item in raw
+    ):
+        return [path for path, _ in raw]
+    raise ProtocolError(
+        f"cannot send message {op!r}: {RAW!r} is reserved for raw values, a "
+        f"list of (path, JSON bytes) pairs, not {_preview(raw)}"
+    )
 
 
 def encode_frames(
@@ -228,8 +268,12 @@ class FrameDecoder:
     decoder stays failed: every later `feed` raises the same error.
     """
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, raw: bool = False
+    ) -> None:
         self.max_frame_bytes = _check_limit(max_frame_bytes)
+        self.raw = raw
+        """Whether frames may carry raw values (see "Raw values")."""
         self.error: ProtocolError | None = None
         """The error that failed the decoder, once it has."""
         self._buffer = bytearray()
@@ -261,6 +305,7 @@ class FrameDecoder:
         limit = self.max_frame_bytes
         unpack_from = _HEADER.unpack_from
         loads = orjson.loads
+        raw = self.raw
         messages: list[Message] = []
         try:
             while end - pos >= HEADER_BYTES:
@@ -273,8 +318,10 @@ class FrameDecoder:
                 if end - start < length:
                     break
                 pos = start + length
+                # JSON text holds no NUL byte: one starts the raw values.
+                split = buf.find(0, start, pos) if raw else -1
                 try:
-                    msg = loads(buf[start:pos])
+                    msg = loads(buf[start:pos] if split < 0 else buf[start:split])
                 except orjson.JSONDecodeError as exc:
                     raise ProtocolError(
                         f"frame of {length} bytes is not JSON ({exc}): "
@@ -285,6 +332,8 @@ class FrameDecoder:
                         f"frame of {length} bytes is not a message (a JSON object "
                         f"with a non-empty string 'op'): {_preview(msg)}"
                     )
+                if split >= 0:
+                    _place_raw(msg, bytes(buf[split + 1 : pos]).split(b"\0"))
                 messages.append(msg)
         except ProtocolError as exc:
             self.error = exc
@@ -337,6 +386,37 @@ class FrameDecoder:
         return text
 
 
+def _place_raw(msg: Message, values: list[bytes]) -> None:
+    """Put each raw value of a message in the place its ``"$raw"`` names."""
+    paths = msg.pop(RAW, None)
+    if type(paths) is not list or len(paths) != len(values):
+        raise ProtocolError(
+            f"message {msg['op']!r} has {len(values)} raw values and "
+            f"{RAW!r} {_preview(paths)}: one path for each is expected"
+        )
+    for path, value in zip(paths, values, strict=True):
+        where: Any = msg
+        try:
+            if type(path) is not list:
+                raise TypeError
+            for key in path[:-1]:
+                where = where[key]
+            if type(where) is dict and type(path[-1]) is not str:
+                raise TypeError
+            orjson.loads(value)
+            where[path[-1]] = orjson.Fragment(value)
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError(
+                f"message {msg['op']!r}: the raw value for {path!r} is not JSON "
+                f"({exc}): {value[:60]!r}"
+            ) from None
+        except (TypeError, KeyError, IndexError):
+            raise ProtocolError(
+                f"message {msg['op']!r}: {RAW!r} names {_preview(path)}, "
+                "which is not a place in the message"
+            ) from None
+
+
 class Connection:
     """A message stream over an asyncio (reader, writer) pair.
 
@@ -351,14 +431,16 @@ class Connection:
         *,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         name: str = "peer",
+        raw: bool = False,
     ) -> None:
         """`serve` hands messages on a turn sooner if the writer's transport
-        has a `PushProtocol` (`open`, `from_socket`, `coda._push.serving`)."""
+        has a `PushProtocol` (`open`, `from_socket`, `coda._push.serving`).
+        With `raw`, received messages may carry raw values."""
         self.reader = reader
         self.writer = writer
         self.name = name
         self.max_frame_bytes = _check_limit(max_frame_bytes)
-        self._decoder = FrameDecoder(max_frame_bytes)
+        self._decoder = FrameDecoder(max_frame_bytes, raw=raw)
         self._received: collections.deque[Message] = collections.deque()
         self._outgoing: list[bytes] = []
         self._outgoing_bytes = 0

@@ -156,9 +156,7 @@ async def test_due_steps_start_oldest_run_first_whatever_order_they_came_in() ->
 
 
 @on_loop
-async def test_a_worker_gets_as_many_tries_again_on_deck_sent_as_slots_free() -> (
-    None
-):
+async def test_a_worker_gets_as_many_tries_again_on_deck_sent_as_slots_free() -> None:
     bench = Bench(limit=2)
     runs = [bench.run(f"r{n}", float(n)) for n in range(6)]
     for live in runs:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import orjson
 import pytest
 
 import coda
@@ -21,21 +22,35 @@ from coda import decide
 from coda.definitions import Registry
 from coda.journal import codec
 from coda.journal.events import RetryPolicy
-from coda.protocol import Connection
+from coda.protocol import Connection, FrameDecoder, encode_frame
 from coda.runtime.worker import Worker
 from coda.state import fold
 
 
 class RecordingConnection:
+    """Records what a worker sends, as the supervisor reads it, with the raw
+    values (a task's result) decoded in their places."""
+
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
         self.closed = False
 
     def send(self, msg: dict[str, Any]) -> None:
-        self.sent.append(msg)
+        (received,) = FrameDecoder(raw=True).feed(encode_frame(msg))
+        self.sent.append(_decoded(received))
 
     def flush(self) -> None:
         pass  # sent at once already
+
+
+def _decoded(value: Any) -> Any:
+    if type(value) is orjson.Fragment:
+        return orjson.loads(orjson.dumps(value))
+    if type(value) is dict:
+        return {key: _decoded(item) for key, item in value.items()}
+    if type(value) is list:
+        return [_decoded(item) for item in value]
+    return value
 
 
 registry = Registry()
@@ -419,7 +434,7 @@ async def test_one_try_of_a_run_is_cancelled_and_its_others_go_on() -> None:
 @on_loop
 async def test_serve_handles_messages_as_they_arrive_until_stop() -> None:
     ours, theirs = socket.socketpair()
-    supervisor = await Connection.from_socket(ours, name="worker")
+    supervisor = await Connection.from_socket(ours, name="worker", raw=True)
     conn = await Connection.from_socket(theirs, name="supervisor")
     worker = Worker(conn, registry, "served", 1)
     serving = asyncio.create_task(worker.serve())

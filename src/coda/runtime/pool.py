@@ -122,7 +122,10 @@ class WorkerPool:
         finally:
             theirs.close()
         conn = await Connection.from_socket(
-            ours, name=f"worker {name}", max_frame_bytes=WORKER_LINK_MAX_FRAME_BYTES
+            ours,
+            name=f"worker {name}",
+            max_frame_bytes=WORKER_LINK_MAX_FRAME_BYTES,
+            raw=True,
         )
         try:
             await server_handshake(conn)

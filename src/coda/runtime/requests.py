@@ -27,6 +27,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
+import orjson
+
 from coda import decide
 from coda.definitions import Registry, WorkflowDef
 from coda.errors import JournalError, RunIdConflict, RunNotFound
@@ -204,10 +207,17 @@ class Requests:
         """Wait until the run is finished or parked; its summary then.
 
         None when the run is not live here (finished long ago, or unknown):
-        the journal has its summary.
+        the journal has its summary. A result that came from a worker as a raw
+        value (`waiter` passes it on as it is) is decoded here.
         """
         waiter = self.waiter(run_id)
-        return None if waiter is None else await waiter
+        if waiter is None:
+            return None
+        summary = await waiter
+        result = summary.result
+        if type(result) is orjson.Fragment:
+            summary = attrs.evolve(summary, result=orjson.loads(orjson.dumps(result)))
+        return summary
 
     async def cancel(self, run_id: str, reason: str) -> bool:
         run = self.runs.get(run_id)

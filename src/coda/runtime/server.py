@@ -426,9 +426,10 @@ class ClientServer:
 
     async def _wait(self, msg: dict[str, Any]) -> dict[str, Any]:
         run_id = await self._resolve(msg)
-        summary = await self.supervisor.wait(run_id)
-        if summary is None:
+        waiter = self.supervisor.waiter(run_id)
+        if waiter is None:
             return await self._summary(run_id)
+        summary = await waiter
         return {"op": "run", **summary_dict(summary)}
 
     async def _status(self, msg: dict[str, Any]) -> dict[str, Any]:

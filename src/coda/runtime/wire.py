@@ -43,7 +43,13 @@ strict: a field of the wrong JSON type is a malformed command, never converted
 attempt number 1); the one conversion is an integer where a float is
 expected, as JSON does not tell them apart. Keys a reader does not know are
 ignored, so "type" needs no special case. Writing checks nothing: the values
-inside were checked where they were made. For W2's one-task run (a
+inside were checked where they were made.
+
+A worker sends the values in its answers (a task's result, a command's
+arguments, result or recorded value) as raw values of the frame (see
+`coda.protocol`, "Raw values"), which the supervisor reads as
+`orjson.Fragment`: a command's reader takes a fragment wherever it takes a
+value, and `encode_commands` says where each is. For W2's one-task run (a
 ScheduleTask and a CompleteRun), writing takes 0.7 us instead of the 1.5 of
 the cattrs converter this replaced, reading 3.6 us instead of 5.1.
 """
@@ -55,6 +61,7 @@ from collections.abc import Callable
 from typing import Any, get_type_hints
 
 import attrs
+import orjson
 
 from coda._strict import CHECKS, NAMESPACE, Malformed
 from coda.errors import ProtocolError
@@ -73,7 +80,9 @@ __all__ = [
     "decode_command",
     "decode_error",
     "encode_command",
+    "encode_commands",
     "encode_error",
+    "raw_value",
 ]
 
 # An activation carries a run's whole history, and each value in it may be as
@@ -87,6 +96,11 @@ WORKER_LINK_MAX_FRAME_BYTES = 1024 * 1024 * 1024
 # types as events read them, the nested classes by their own reader.
 _READS: dict[Any, str] = {
     **CHECKS,
+    # Arguments that came as a raw value of the frame are a fragment.
+    dict[str, Any]: (
+        "if type({x}) is not _Fragment and not _is_object({x}):"
+        " raise _problem({path}, 'an object', {x})"
+    ),
     RetryPolicy: "{x} = _read_RetryPolicy({x}, {path})",
     ErrorInfo: "{x} = _read_ErrorInfo({x}, {path})",
 }
@@ -149,7 +163,7 @@ def _generate(cls: type, tag: str | None, namespace: dict[str, Any]) -> None:
     namespace[f"_write_{cls.__name__}"] = local["write"]
 
 
-_CODE: dict[str, Any] = dict(NAMESPACE)
+_CODE: dict[str, Any] = dict(NAMESPACE, _Fragment=orjson.Fragment)
 _generate(RetryPolicy, None, _CODE)
 _generate(ErrorInfo, None, _CODE)
 _READERS: dict[str, Callable[[Any, str], Command]] = {}
@@ -164,6 +178,36 @@ _write_error: Callable[[ErrorInfo], dict[str, Any]] = _CODE["_write_ErrorInfo"]
 
 def encode_command(command: Command) -> dict[str, Any]:
     return _WRITERS[type(command)](command)
+
+
+# The field of each command that holds a value of the workflow's.
+_VALUE_FIELDS: dict[type, str] = {
+    ScheduleTask: "args",
+    ReuseResult: "result",
+    RecordSideEffect: "value",
+    CompleteRun: "result",
+}
+
+RawValues = list[tuple[list[str | int], bytes]]
+"""A message's raw values: where each goes, and its JSON (`coda.protocol.RAW`)."""
+
+
+def encode_commands(commands: list[Command]) -> tuple[list[dict[str, Any]], RawValues]:
+    """Commands for an answer, their values apart as raw values of the frame."""
+    encoded: list[dict[str, Any]] = []
+    raw: RawValues = []
+    for number, command in enumerate(commands):
+        obj = _WRITERS[type(command)](command)
+        field = _VALUE_FIELDS.get(type(command))
+        if field is not None:
+            raw.append((["commands", number, field], orjson.dumps(obj.pop(field))))
+        encoded.append(obj)
+    return encoded, raw
+
+
+def raw_value(path: list[str | int], value: Any) -> RawValues:
+    """One value to send as a raw value of the frame, at `path`."""
+    return [(path, value if type(value) is bytes else orjson.dumps(value))]
 
 
 def decode_command(obj: Any) -> Command:

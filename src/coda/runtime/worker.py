@@ -47,14 +47,15 @@ from coda.errors import (
 )
 from coda.journal import codec
 from coda.journal.events import ErrorInfo
-from coda.protocol import Connection, HandshakeRefused, client_handshake
+from coda.protocol import RAW, Connection, HandshakeRefused, client_handshake
 from coda.replay.engine import CompleteRun, WorkflowInstance
 from coda.runtime import faults
 from coda.runtime.heap import settle_heap
 from coda.runtime.wire import (
     WORKER_LINK_MAX_FRAME_BYTES,
-    encode_command,
+    encode_commands,
     encode_error,
+    raw_value,
 )
 from coda.values import check_value
 
@@ -170,11 +171,8 @@ class Worker:
             error = encode_error(ErrorInfo.from_exception(exc, traceback.format_exc()))
             self.conn.send({"op": "diverged", **answer, "error": error})
             return
-        reply = {
-            "op": "commands",
-            **answer,
-            "commands": [encode_command(c) for c in commands],
-        }
+        encoded, raw = encode_commands(commands)
+        reply = {"op": "commands", **answer, "commands": encoded, RAW: raw}
         if instance.finished or any(type(c) is CompleteRun for c in commands):
             # The run ended, or its code returned: nothing more to feed the
             # instance (should the completion not be recorded, the supervisor
@@ -614,14 +612,16 @@ def _reply(msg: dict[str, Any]) -> dict[str, Any]:
 def _success(msg: dict[str, Any], result: Any) -> dict[str, Any]:
     # None, True and False are JSON and far under any value limit; the check
     # is for everything else.
+    reply = _reply(msg)
     if result is not None and result is not True and result is not False:
         try:
-            check_value(result, f"result of task {msg['task']}")
+            encoded = check_value(result, f"result of task {msg['task']}")
         except CodaError as exc:
-            reply = _reply(msg)
             reply.update(ok=False, error=encode_error(ErrorInfo.from_exception(exc)))
             return reply
-    reply = _reply(msg)
+        # Sent as it is encoded: the supervisor passes it on, never reading it.
+        reply.update(ok=True, **{RAW: raw_value(["result"], encoded)})
+        return reply
     reply.update(ok=True, result=result)
     return reply
 
