@@ -32,6 +32,7 @@ from coda.protocol import (
     encode_frames,
     server_handshake,
 )
+from tests.runtime.support import decoded
 
 
 def frame(payload: bytes) -> bytes:
@@ -255,17 +256,6 @@ def test_good_frames_before_a_bad_one_are_delivered_first() -> None:
         decoder.feed(b"")
 
 
-def _plain(value: Any) -> Any:
-    """A decoded message with its raw values (fragments) decoded too."""
-    if type(value) is orjson.Fragment:
-        return orjson.loads(orjson.dumps(value))
-    if type(value) is dict:
-        return {key: _plain(item) for key, item in value.items()}
-    if type(value) is list:
-        return [_plain(item) for item in value]
-    return value
-
-
 @settings(max_examples=200)
 @given(
     msg=messages_st,
@@ -281,7 +271,7 @@ def test_raw_values_arrive_in_their_places_as_sent(
     cut %= len(stream) + 1
     decoder = FrameDecoder(raw=True)
     got = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
-    assert [_plain(m) for m in got] == [{**msg, "raws": values}, {"op": "next"}]
+    assert [decoded(m) for m in got] == [{**msg, "raws": values}, {"op": "next"}]
     placed = got[0]["raws"]
     assert all(type(v) is orjson.Fragment for v in placed)
     # Passed on as they came: encoding the message again splices them in.
@@ -293,7 +283,7 @@ def test_raw_values_go_into_nested_places() -> None:
     raw = [(["commands", 1, "args"], b'{"x": [1, "\\u00e9"]}')]
     (got,) = FrameDecoder(raw=True).feed(encode_frame({**msg, RAW: raw}))
     assert RAW not in got
-    assert _plain(got) == {
+    assert decoded(got) == {
         "op": "commands",
         "commands": [{"type": "A"}, {"type": "B", "args": {"x": [1, "\u00e9"]}}],
     }

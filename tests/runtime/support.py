@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import pytest
 
 from coda.errors import JournalError
@@ -390,3 +391,14 @@ class FillingJournal(SQLiteJournal):
         if self.full:
             raise JournalError("database or disk is full (simulated)")
         await super().append(events)
+
+
+def decoded(value: Any) -> Any:
+    """A received message with its raw values (`orjson.Fragment`) decoded."""
+    if type(value) is orjson.Fragment:
+        return orjson.loads(orjson.dumps(value))
+    if type(value) is dict:
+        return {key: decoded(item) for key, item in value.items()}
+    if type(value) is list:
+        return [decoded(item) for item in value]
+    return value

@@ -108,6 +108,13 @@ class Bench:
     def queue(self, live: LiveRun, step: int) -> None:
         self.dispatcher.queue(live, live.state.steps[(1, step)])
 
+    def start(self, *runs: LiveRun) -> list[Event]:
+        """Queue the first step of each run, pump, commit; what was committed."""
+        for live in runs:
+            self.queue(live, 0)
+        self.dispatcher.pump()
+        return self.commit()
+
     def sent(self, worker: int = 0) -> list[str]:
         """The tasks sent to a worker so far."""
         conn = self.pool.workers[worker].conn
@@ -183,10 +190,7 @@ async def test_a_worker_gets_as_many_tries_again_on_deck_sent_as_slots_free() ->
 async def test_a_tries_timeout_counts_from_its_sending_not_its_start() -> None:
     bench = Bench(limit=1)
     first, second = bench.run("a", 1.0), bench.run("b", 2.0)
-    bench.queue(first, 0)
-    bench.queue(second, 0)
-    bench.dispatcher.pump()
-    bench.commit()
+    bench.start(first, second)
     bench.now += 20.0
     bench.outcome("a.t0")
     handle = bench.pool.workers[0]
@@ -214,10 +218,7 @@ async def test_a_try_whose_start_is_not_durable_holds_back_those_after_it() -> N
 async def test_a_lost_worker_charges_the_tries_it_ran_and_not_those_on_deck() -> None:
     bench = Bench(limit=1)
     ran, waited = bench.run("ran", 1.0), bench.run("waited", 2.0)
-    bench.queue(ran, 0)
-    bench.queue(waited, 0)
-    bench.dispatcher.pump()
-    bench.commit()
+    bench.start(ran, waited)
     handle = bench.pool.workers[0]
     handle.alive, handle.lost_reason = False, "killed by SIGKILL"
     bench.dispatcher.reschedule_lost(handle)
@@ -235,10 +236,7 @@ async def test_a_lost_worker_charges_the_tries_it_ran_and_not_those_on_deck() ->
 async def test_a_cancelled_runs_tries_on_deck_are_never_sent() -> None:
     bench = Bench(limit=1)
     first, cancelled = bench.run("first", 1.0), bench.run("cancelled", 2.0)
-    bench.queue(first, 0)
-    bench.queue(cancelled, 0)
-    bench.dispatcher.pump()
-    bench.commit()
+    bench.start(first, cancelled)
     bench.dispatcher.cancel_tries("cancelled")
     bench.outcome("first.t0")
     bench.commit()

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import orjson
 import pytest
 
 import coda
@@ -25,6 +24,8 @@ from coda.journal.events import RetryPolicy
 from coda.protocol import Connection, FrameDecoder, encode_frame
 from coda.runtime.worker import Worker
 from coda.state import fold
+
+from .support import decoded
 
 
 class RecordingConnection:
@@ -37,20 +38,10 @@ class RecordingConnection:
 
     def send(self, msg: dict[str, Any]) -> None:
         (received,) = FrameDecoder(raw=True).feed(encode_frame(msg))
-        self.sent.append(_decoded(received))
+        self.sent.append(decoded(received))
 
     def flush(self) -> None:
         pass  # sent at once already
-
-
-def _decoded(value: Any) -> Any:
-    if type(value) is orjson.Fragment:
-        return orjson.loads(orjson.dumps(value))
-    if type(value) is dict:
-        return {key: _decoded(item) for key, item in value.items()}
-    if type(value) is list:
-        return [_decoded(item) for item in value]
-    return value
 
 
 registry = Registry()
