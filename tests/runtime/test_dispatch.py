@@ -47,7 +47,9 @@ class Bench:
         self.now = 1000.0
         self.runs: dict[str, LiveRun] = {}
         self.pool = Pool(workers)
-        self.appends: list[tuple[list[Event], Callable[[], None] | None]] = []
+        self.appends: list[
+            tuple[list[Event], Callable[[], None] | None, asyncio.Future[bool]]
+        ] = []
         self.recorded: list[Event] = []
         self.dispatcher = Dispatcher(
             self.runs,
@@ -68,8 +70,9 @@ class Bench:
         runs: Iterable[LiveRun],
         then: Callable[[], None] | None,
     ) -> asyncio.Future[bool]:
-        self.appends.append((events, then))
-        return asyncio.get_running_loop().create_future()
+        durable = asyncio.get_running_loop().create_future()
+        self.appends.append((events, then, durable))
+        return durable
 
     def _record(self, run: LiveRun, events: list[Event], **_: Any) -> Any:
         run.history += events
@@ -79,11 +82,19 @@ class Bench:
         """Make every append so far durable, in order; the events they held."""
         appends, self.appends = self.appends, []
         events: list[Event] = []
-        for batch, then in appends:
+        for batch, then, durable in appends:
             events += batch
             if then is not None:
                 then()
+            durable.set_result(True)
         return events
+
+    async def fail(self) -> None:
+        """Every append so far fails: nothing of it is durable."""
+        appends, self.appends = self.appends, []
+        for _, _, durable in appends:
+            durable.set_result(False)
+        await asyncio.sleep(0)  # the futures' callbacks run
 
     def run(self, run_id: str, submitted_at: float, steps: int = 1) -> LiveRun:
         """A running run with `steps` tasks scheduled (not yet queued)."""
@@ -299,3 +310,77 @@ def test_a_worker_never_holds_more_tries_than_its_limit(limit: int) -> None:
         assert bench.sent() == [f"r{n}.t0" for n in range(4 * limit)]
 
     asyncio.run(main())
+
+
+@on_loop
+async def test_a_try_on_deck_keeps_its_place_when_no_other_worker_has_room() -> None:
+    bench = Bench(workers=("only",), limit=1)
+    running, waiting, younger = (bench.run(r, n) for n, r in enumerate("rwy"))
+    bench.start(running, waiting)
+    only = bench.pool.workers[0]
+    bench.now += 10 * dispatch.ON_DECK_WAIT_S
+    bench.dispatcher._move_waiting(only, bench.now)
+    assert not bench.recorded, "moving it would only put it behind younger runs"
+    assert list(only.on_deck) == [("w", 1, 0, 1)]
+    bench.queue(younger, 0)
+    bench.outcome("r.t0")
+    assert bench.sent() == ["r.t0", "w.t0"]
+
+
+@on_loop
+async def test_a_suspect_gets_a_worker_of_its_own_even_under_load() -> None:
+    bench = Bench(workers=("a", "b"), limit=1)
+    runs = [bench.run(f"r{n}", float(n)) for n in range(8)]
+    bench.start(*runs[:4])  # each worker runs one and has one on deck
+    suspect = bench.run("s", 0.5)  # older than all of them
+    bench.dispatcher._suspects.add(("s", 1, 0))
+    for live in [suspect, *runs[4:]]:
+        bench.queue(live, 0)
+    a, b = bench.pool.workers
+    bench.outcome("r0.t0", worker=0)  # a sends r2 from its deck...
+    assert bench.dispatcher._draining is a, "...and runs dry for the suspect"
+    assert not bench.commit(), "nothing new started on a worker"
+    bench.outcome("r1.t0", worker=1)  # b takes the others meanwhile
+    bench.commit()
+    assert bench.sent(1) == ["r1.t0", "r3.t0"]
+    assert list(b.on_deck) == [("r4", 1, 0, 1)]
+    bench.outcome("r2.t0", worker=0)  # a is idle: the suspect runs there, alone
+    assert a.exclusive and bench.dispatcher._draining is None
+    bench.commit()
+    assert bench.sent(0) == ["r0.t0", "r2.t0", "s.t0"]
+    assert list(a.tries) == [("s", 1, 0, 1)] and not a.on_deck
+    bench.outcome("s.t0", worker=0)
+    assert not a.exclusive and ("s", 1, 0) not in bench.dispatcher._suspects
+    bench.commit()
+    assert bench.sent(0)[-1] == "r5.t0", "a takes others again"
+
+
+@on_loop
+async def test_a_suspects_worker_takes_others_again_if_its_try_is_cancelled() -> None:
+    bench = Bench(workers=("a",), limit=1)
+    suspect, other = bench.run("s", 1.0), bench.run("o", 2.0)
+    bench.dispatcher._suspects.add(("s", 1, 0))
+    bench.queue(suspect, 0)
+    bench.dispatcher.pump()  # on deck, its start not durable yet
+    (a,) = bench.pool.workers
+    assert a.exclusive
+    bench.dispatcher.cancel_tries("s")
+    assert not a.exclusive
+    bench.start(other)
+    assert bench.sent() == ["o.t0"]
+
+
+@on_loop
+async def test_tries_whose_starts_failed_to_be_written_hold_back_no_others() -> None:
+    bench = Bench(limit=1)
+    runs = [bench.run(f"r{n}", float(n)) for n in range(4)]
+    bench.start(runs[0])
+    bench.queue(runs[1], 0)
+    bench.queue(runs[2], 0)
+    bench.outcome("r0.t0")  # r1 and r2 on deck, their starts being written
+    (handle,) = bench.pool.workers
+    assert list(handle.on_deck) == [("r1", 1, 0, 1), ("r2", 1, 0, 1)]
+    await bench.fail()
+    assert not handle.on_deck, "their runs are reread; nothing is sent of them"
+    bench.start(runs[3])
+    assert bench.sent() == ["r0.t0", "r3.t0"]

@@ -21,7 +21,8 @@ of its tries ends. Without them, a slot would stand empty from an outcome
 until the start of the next try was durable, a commit later (2 to 10 ms under
 load, against tens of microseconds for the example's tasks). A try on deck
 for longer than `ON_DECK_WAIT_S` (its worker busy with long tries) is
-interrupted, at no cost to it, and starts again on whichever worker has room.
+interrupted, at no cost to it, and starts again on another worker, if one has
+room; else it keeps its place.
 
 A try sent to a worker stays in the worker's `tries`, with its deadline (its
 timeout counts from its sending), until its outcome arrives; that is all the
@@ -35,8 +36,9 @@ run's tries that the journal has started and no worker holds run again
 A worker that dies ends its tries: who pays for them is said in
 `reschedule_lost`. A step whose try died with others on one worker is a
 suspect, and its next try runs alone, so that a task that kills its worker is
-found out. A watchdog kills workers that hang: a try past its timeout, or no
-answer to heartbeats.
+found out; under load, a worker is let run dry for it (`_draining`). A
+watchdog kills workers that hang: a try past its timeout, or no answer to
+heartbeats.
 """
 
 from __future__ import annotations
@@ -116,6 +118,9 @@ class Dispatcher:
         self._queued: set[tuple[str, int, int]] = set()
         # Steps whose last try died with others on one worker: they run alone.
         self._suspects: set[tuple[str, int, int]] = set()
+        # The worker kept from new tries until it is idle, for a suspect that
+        # is waiting (under load no worker would ever be idle otherwise).
+        self._draining: WorkerHandle | None = None
         # Set once the supervisor stops: no try is started any more.
         self.stopping = False
         self._watchdog: asyncio.Task[None] | None = None
@@ -145,23 +150,32 @@ class Dispatcher:
         """
         if self.stopping or not self._ready:
             return
-        room = 2 * self.max_tries_per_worker  # running, and as many on deck
+        limit = self.max_tries_per_worker
+        room = 2 * limit  # running, and as many on deck
+        draining = self._draining
+        if draining is not None and (
+            not draining.alive
+            or draining.exclusive
+            or not any(key in self._queued for key in self._suspects)
+        ):
+            draining = self._draining = None
         # Made once: within this call a worker only fills up or is reserved
         # (both by this loop, which then drops it). Most calls, one for each
         # outcome, find every worker full or start a single try.
         open_workers = [
             w
             for w in self.pool.workers
-            if w.alive and not w.exclusive and _load(w) < room
+            if w.alive and not w.exclusive and w is not draining and _load(w) < room
         ]
-        if not open_workers:
+        drained = draining is not None and not _load(draining)
+        if not open_workers and not drained:
             return
         now = self.clock()
         starts: list[tuple[WorkerHandle, TryKey]] = []
         runs: dict[str, LiveRun] = {}
         events: list[Event] = []
         deferred: list[Ready] = []
-        while self._ready and open_workers:
+        while self._ready and (open_workers or drained):
             entry = heapq.heappop(self._ready)
             key = entry[1:]
             run = self.runs.get(key[0])
@@ -175,12 +189,23 @@ class Dispatcher:
                 self._queued.discard(key)
                 continue
             if key in self._suspects:
-                idle = [w for w in open_workers if not w.tries and not w.on_deck]
+                idle = [w for w in open_workers if not _load(w)]
+                if drained and draining is not None:
+                    idle.append(draining)
                 if not idle:
+                    if self._draining is None and open_workers:
+                        # Let the least busy worker run dry for it.
+                        self._draining = min(open_workers, key=_load)
+                        open_workers.remove(self._draining)
                     deferred.append(entry)
                     continue
                 worker = idle[0]
                 worker.exclusive = True
+                if worker is draining:
+                    drained, self._draining = False, None
+            elif not open_workers:
+                deferred.append(entry)  # only a suspect could go to `draining`
+                continue
             else:
                 worker = min(open_workers, key=_load)
             self._queued.discard(key)
@@ -189,14 +214,15 @@ class Dispatcher:
             events += started
             started_try = (run.run_id, step.attempt, step.step, step.try_number)
             worker.on_deck[started_try] = None
-            if worker.exclusive or _load(worker) >= room:
+            if (worker.exclusive or _load(worker) >= room) and worker in open_workers:
                 open_workers.remove(worker)
             starts.append((worker, started_try))
             runs[run.run_id] = run
         for entry in deferred:
             heapq.heappush(self._ready, entry)
         if starts:
-            self._write(events, runs.values(), lambda: self._started(starts))
+            durable = self._write(events, runs.values(), lambda: self._started(starts))
+            durable.add_done_callback(lambda done: self._not_started(done, starts))
 
     def _started(self, starts: list[tuple[WorkerHandle, TryKey]]) -> None:
         """The starts of these tries are durable: send those their workers have
@@ -208,6 +234,16 @@ class Dispatcher:
         for worker in {id(worker): worker for worker, _ in starts}.values():
             self._send_on_deck(worker)
         faults.crash_point("supervisor.after_dispatch")
+
+    def _not_started(
+        self, durable: asyncio.Future[bool], starts: list[tuple[WorkerHandle, TryKey]]
+    ) -> None:
+        """If the starts could not be written, take their tries off the decks:
+        they hold back the tries behind them, and their runs are reread."""
+        if durable.cancelled() or not durable.result():
+            for worker, key in starts:
+                if worker.on_deck.get(key, 0) is None:
+                    self._drop_on_deck(worker, key)
 
     def _send_on_deck(self, worker: WorkerHandle) -> None:
         """Send a worker the tries on deck for it, while it has room for them."""
@@ -229,7 +265,8 @@ class Dispatcher:
                 or step.status is not StepStatus.STARTED
                 or step.try_number != key[3]
             ):
-                continue  # its run ended meanwhile
+                _release_if_idle(worker)  # its run ended meanwhile
+                continue
             timeout = step.timeout or self.default_task_timeout
             worker.tries[key] = self.clock() + timeout if timeout else None
             worker.conn.send(
@@ -343,7 +380,7 @@ class Dispatcher:
                     held.add(key[1:])
                     worker.on_deck[key] = worker.on_deck[key] or self.clock()
                 else:
-                    del worker.on_deck[key]
+                    self._drop_on_deck(worker, key)
             for key in [k for k in worker.tries if k[0] == run_id]:
                 if running(key):
                     held.add(key[1:])
@@ -389,7 +426,7 @@ class Dispatcher:
         """Forget every try of a run that ended, and cancel them on their workers."""
         for worker in self.pool.workers:
             for key in [key for key in worker.on_deck if key[0] == run_id]:
-                del worker.on_deck[key]
+                self._drop_on_deck(worker, key)
             mine = [key for key in worker.tries if key[0] == run_id]
             if mine:
                 for key in mine:
@@ -398,6 +435,13 @@ class Dispatcher:
                     worker.conn.send({"op": "cancel", "run": run_id})
         if self._suspects:
             self._suspects = {key for key in self._suspects if key[0] != run_id}
+
+    def _drop_on_deck(self, worker: WorkerHandle, key: TryKey) -> None:
+        """Take a try off a worker's deck; a worker kept for a suspect that
+        is left with nothing takes others again."""
+        del worker.on_deck[key]
+        _release_if_idle(worker)
+        self._send_on_deck(worker)  # what it held back, if it was first
 
     def _forget_try(self, worker: WorkerHandle, key: TryKey) -> None:
         """Stop counting a try on its worker: its slot is free from now on.
@@ -469,14 +513,28 @@ class Dispatcher:
 
     def _move_waiting(self, worker: WorkerHandle, now: float) -> None:
         """Interrupt the tries on deck for `worker` longer than `ON_DECK_WAIT_S`,
-        so that they start again on a worker with room."""
+        so that they start again on a worker with room, if one has room.
+
+        Without one, the try keeps its place: interrupted, it would only wait
+        again, behind younger runs that took its place meanwhile.
+        """
+        limit = self.max_tries_per_worker
+        room = [
+            w
+            for w in self.pool.workers
+            if w is not worker
+            and w.alive
+            and not w.exclusive
+            and w is not self._draining
+            and _load(w) < limit
+        ]
         waited = [
             key
             for key, since in worker.on_deck.items()
             if since is not None and now - since > ON_DECK_WAIT_S
         ]
-        for key in waited:
-            del worker.on_deck[key]
+        for key in waited[: sum(limit - _load(w) for w in room)]:
+            self._drop_on_deck(worker, key)
             run = self.runs.get(key[0])
             if run is None or run.reloading:
                 continue
@@ -509,3 +567,9 @@ class Dispatcher:
 def _load(worker: WorkerHandle) -> int:
     """Tries a worker runs or has on deck."""
     return len(worker.tries) + len(worker.on_deck)
+
+
+def _release_if_idle(worker: WorkerHandle) -> None:
+    """A worker kept for a suspect that is left with nothing takes others again."""
+    if worker.exclusive and not _load(worker):
+        worker.exclusive = False
