@@ -384,3 +384,35 @@ async def test_tries_whose_starts_failed_to_be_written_hold_back_no_others() -> 
     assert not handle.on_deck, "their runs are reread; nothing is sent of them"
     bench.start(runs[3])
     assert bench.sent() == ["r0.t0", "r3.t0"]
+
+
+@on_loop
+async def test_a_worker_that_ran_a_suspect_takes_the_next_suspect_first() -> None:
+    bench = Bench(workers=("a", "b"), limit=1)
+    first, second = bench.run("s1", 1.0), bench.run("s2", 20.0)
+    younger = [bench.run(f"r{n}", 10.0 + n) for n in range(4)]
+    bench.dispatcher._suspects |= {("s1", 1, 0), ("s2", 1, 0)}
+    bench.start(first)  # alone on a
+    bench.start(*younger[:2])  # b runs one and has one on deck
+    a, b = bench.pool.workers
+    assert a.exclusive and bench.sent(1) == ["r0.t0"]
+    for live in [second, *younger[2:]]:
+        bench.queue(live, 0)
+    bench.dispatcher.pump()  # no worker with room: all wait
+    bench.outcome("s1.t0", worker=0)
+    # a is idle: the next suspect goes there, before the older runs waiting.
+    bench.commit()
+    assert bench.sent(0) == ["s1.t0", "s2.t0"] and a.exclusive
+    assert list(b.on_deck) == [("r1", 1, 0, 1)]
+
+
+@on_loop
+async def test_a_suspect_whose_run_ended_is_forgotten() -> None:
+    bench = Bench(limit=1)
+    gone, other = bench.run("gone", 1.0), bench.run("other", 2.0)
+    bench.dispatcher._suspects.add(("gone", 1, 0))
+    bench.queue(gone, 0)
+    del bench.runs["gone"]  # finished or cancelled while queued
+    bench.start(other)
+    assert not bench.dispatcher._suspects
+    assert bench.sent() == ["other.t0"]

@@ -117,6 +117,10 @@ class Dispatcher:
         self._ready: list[Ready] = []
         self._queued: set[tuple[str, int, int]] = set()
         # Steps whose last try died with others on one worker: they run alone.
+        # TODO: suspects live only in memory: after a restart of the
+        # supervisor their next tries run beside others again, and a task
+        # that kills its worker charges innocent tries a second time. The
+        # journal could rebuild them (WorkerLost failures of one worker).
         self._suspects: set[tuple[str, int, int]] = set()
         # The worker kept from new tries until it is idle, for a suspect that
         # is waiting (under load no worker would ever be idle otherwise).
@@ -152,13 +156,7 @@ class Dispatcher:
             return
         limit = self.max_tries_per_worker
         room = 2 * limit  # running, and as many on deck
-        draining = self._draining
-        if draining is not None and (
-            not draining.alive
-            or draining.exclusive
-            or not any(key in self._queued for key in self._suspects)
-        ):
-            draining = self._draining = None
+        draining = self._drain_target()
         # Made once: within this call a worker only fills up or is reserved
         # (both by this loop, which then drops it). Most calls, one for each
         # outcome, find every worker full or start a single try.
@@ -187,6 +185,7 @@ class Dispatcher:
                 or not _is_due(run.state, step, now)
             ):
                 self._queued.discard(key)
+                self._suspects.discard(key)  # its run ended meanwhile, say
                 continue
             if key in self._suspects:
                 idle = [w for w in open_workers if not _load(w)]
@@ -223,6 +222,17 @@ class Dispatcher:
         if starts:
             durable = self._write(events, runs.values(), lambda: self._started(starts))
             durable.add_done_callback(lambda done: self._not_started(done, starts))
+
+    def _drain_target(self) -> WorkerHandle | None:
+        """The worker running dry for a suspect, while one waits for it."""
+        draining = self._draining
+        if draining is not None and (
+            not draining.alive
+            or draining.exclusive
+            or not any(key in self._queued for key in self._suspects)
+        ):
+            draining = self._draining = None
+        return draining
 
     def _started(self, starts: list[tuple[WorkerHandle, TryKey]]) -> None:
         """The starts of these tries are durable: send those their workers have
@@ -290,6 +300,11 @@ class Dispatcher:
         if worker.exclusive:
             worker.exclusive = False
             self._suspects.discard(key[:3])
+            # Idle now: the next suspect waiting takes it, not younger work.
+            if self._drain_target() is None and any(
+                suspect in self._queued for suspect in self._suspects
+            ):
+                self._draining = worker
         self._send_on_deck(worker)
         run = self.runs.get(key[0])
         if run is not None and not run.reloading:
@@ -525,7 +540,7 @@ class Dispatcher:
             if w is not worker
             and w.alive
             and not w.exclusive
-            and w is not self._draining
+            and w is not self._drain_target()
             and _load(w) < limit
         ]
         waited = [
