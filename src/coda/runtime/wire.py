@@ -205,9 +205,9 @@ def encode_commands(commands: list[Command]) -> tuple[list[dict[str, Any]], RawV
     return encoded, raw
 
 
-def raw_value(path: list[str | int], value: Any) -> RawValues:
-    """One value to send as a raw value of the frame, at `path`."""
-    return [(path, value if type(value) is bytes else orjson.dumps(value))]
+def raw_value(path: list[str | int], encoded: bytes) -> RawValues:
+    """One value, already encoded, to send as a raw value of the frame at `path`."""
+    return [(path, encoded)]
 
 
 def decode_command(obj: Any) -> Command:
