@@ -260,6 +260,7 @@ class Dispatcher:
         if self.stopping or not worker.alive:
             return
         deck, limit = worker.on_deck, self.max_tries_per_worker
+        now = self.clock()
         while deck and len(worker.tries) < limit:
             key = next(iter(deck))
             if deck[key] is None:
@@ -278,7 +279,7 @@ class Dispatcher:
                 _release_if_idle(worker)  # its run ended meanwhile
                 continue
             timeout = step.timeout or self.default_task_timeout
-            worker.tries[key] = self.clock() + timeout if timeout else None
+            worker.tries[key] = now + timeout if timeout else None
             worker.conn.send(
                 {
                     "op": "task",
@@ -533,14 +534,14 @@ class Dispatcher:
         Without one, the try keeps its place: interrupted, it would only wait
         again, behind younger runs that took its place meanwhile.
         """
-        limit = self.max_tries_per_worker
+        limit, draining = self.max_tries_per_worker, self._drain_target()
         room = [
             w
             for w in self.pool.workers
             if w is not worker
             and w.alive
             and not w.exclusive
-            and w is not self._drain_target()
+            and w is not draining
             and _load(w) < limit
         ]
         waited = [

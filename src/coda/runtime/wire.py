@@ -197,7 +197,7 @@ def encode_commands(commands: list[Command]) -> tuple[list[dict[str, Any]], RawV
     encoded: list[dict[str, Any]] = []
     raw: RawValues = []
     for number, command in enumerate(commands):
-        obj = _WRITERS[type(command)](command)
+        obj = encode_command(command)
         field = _VALUE_FIELDS.get(type(command))
         if field is not None:
             raw.append((["commands", number, field], orjson.dumps(obj.pop(field))))
